@@ -1,0 +1,2 @@
+"""boxprobe: entity tracking interpretability."""
+__version__ = "0.1.0"

@@ -1,0 +1,419 @@
+"""Loading models as TransformerBridges, and checking that two models can be patched together.
+
+Hub ids, registry names (see `boxprobe.registry`) and local checkpoint directories all go through
+`TransformerBridge.boot_transformers`, so a fine-tuned checkpoint and its hub original are loaded
+and hooked identically. Failures a user can hit (missing directory, a model absent from the
+offline cache) are turned into `ModelLoadError`s that name the model and say what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from boxprobe.registry import resolve_model_name
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "boxprobe.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+# Files that determine a local checkpoint's behaviour, hashed into its revision.
+_FINGERPRINT_GLOBS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin",
+                      "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_FULL_HASH_MAX_BYTES = 64 * 2**20
+_SAMPLE_BYTES = 2**20
+# Boxes-style strings on which two tokenizers must agree for cross-model patching.
+DEFAULT_PROBE_STRINGS = (
+    "Box 0 contains the apple and the book.",
+    "Move the ball from Box 3 to Box 1. Box 1 contains",
+    "Description: Box 6 contains nothing.",
+    " the",
+)
+
+
+class ModelLoadError(ValueError):
+    """A model or checkpoint could not be found or loaded; the message says what to do."""
+
+
+class ModelMismatchError(ValueError):
+    """Two models differ in a way that makes activations from one meaningless in the other."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, attached to the bridge as `model.boxprobe_info`.
+
+    `revision` is the hub commit hash for hub models (None if unknown) and a content
+    fingerprint (`checkpoint_fingerprint`) for local directories. `weight_mode` is "raw"
+    (HF weights, logits match HF) or "compatibility" (HookedTransformer-style folded and
+    centred weights). `prompt_format` comes from the checkpoint's boxprobe.json, if any.
+    """
+
+    name: str
+    source: Literal["hub", "local"]
+    path_or_id: str
+    revision: str | None
+    weight_mode: Literal["raw", "compatibility"]
+    prompt_format: str | None
+    device: str
+    dtype: str
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """None -> "cuda" when available, else "cpu"; anything else is validated and returned."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"invalid device {device!r}: {e}; use e.g. 'cpu' or 'cuda'") from e
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """None -> bfloat16 on cuda, float32 elsewhere; strings like "bfloat16" are converted."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16 (or a torch.dtype)"
+        )
+    return _DTYPES[key]
+
+
+def _offline() -> bool:
+    env = any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    try:
+        from huggingface_hub import constants
+
+        return env or bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return env
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator is meant as a path.
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or "\\" in name
+        or name.endswith("/")
+    )
+
+
+def _describe(name: str, resolved: str) -> str:
+    return f"{name!r}" if name == resolved else f"{name!r} ({resolved})"
+
+
+def _cached_hub_revision(hf_id: str, revision: str | None) -> str | None:
+    """The cached snapshot's commit hash if `hf_id`'s config.json is in the HF cache, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(hf_id, "config.json", revision=revision)
+    except ValueError:  # malformed repo id
+        return None
+    if not isinstance(hit, str):
+        return None
+    parts = Path(hit).parts
+    return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else "cached"
+
+
+def check_checkpoint_dir(path: str | Path, name: str | None = None) -> Path:
+    """Check that `path` is a loadable HF checkpoint directory; return it resolved."""
+    path = Path(path).expanduser()
+    label = name if name is not None else str(path)
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {label!r}: no checkpoint directory at {path}; check the path, or pass a "
+            "Hugging Face id or registry name instead"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {label!r}: {path} is a file, not a checkpoint directory; pass the directory "
+            "that holds config.json"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"model {label!r}: {path} has no config.json, so it is not a Hugging Face checkpoint "
+            "directory; pass the directory written by save_pretrained"
+        )
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"model {label!r}: {path} has a config.json but no weights (expected one of "
+            f"{', '.join(WEIGHT_FILES)}); save the model with save_pretrained"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model {label!r}: {path} has no tokenizer files (expected one of "
+            f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there with save_pretrained"
+        )
+    return path.resolve()
+
+
+def checkpoint_fingerprint(path: str | Path, length: int = 12) -> str:
+    """A short sha256 fingerprint of a checkpoint directory's config, weight and tokenizer files.
+
+    Files up to 64 MiB are hashed whole; larger weight shards by size plus their first, middle
+    and last MiB, which keeps multi-GB checkpoints fast while still changing with the weights.
+    """
+    path = Path(path)
+    files = sorted({f for pat in _FINGERPRINT_GLOBS for f in path.glob(pat) if f.is_file()})
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= _FULL_HASH_MAX_BYTES:
+                h.update(fh.read())
+                continue
+            for offset in (0, size // 2, size - _SAMPLE_BYTES):
+                fh.seek(offset)
+                h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:length]
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """Read the optional boxprobe.json of a checkpoint directory ({} when there is none).
+
+    It records how the checkpoint was made, e.g. {"prompt_format": "per-box", "template": "toy"}.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"no checkpoint directory at {path}; cannot read {METADATA_FILE}")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        return {}
+    try:
+        data = json.loads(meta_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(
+            f"{meta_file}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
+            "fix or delete the file"
+        ) from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(
+            f"{meta_file}: expected a JSON object, got {type(data).__name__}; fix or delete it"
+        )
+    return data
+
+
+def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
+    """Give the tokenizer a pad token (eos, else bos) and pad on the left, so that the last
+    position of every row in a padded batch is the prompt's real last token."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ModelLoadError(f"model {model.cfg.model_name!r} has no tokenizer")
+    if tok.pad_token is None:
+        fallback = tok.eos_token if tok.eos_token is not None else tok.bos_token
+        if fallback is None:
+            raise ModelLoadError(
+                f"model {model.cfg.model_name!r}: tokenizer has no pad, eos or bos token to pad "
+                "batches with; add a pad token to the tokenizer"
+            )
+        tok.pad_token = fallback
+    tok.padding_side = "left"
+    model.cfg.default_padding_side = "left"
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    compatibility_mode: bool = False,
+    revision: str | None = None,
+) -> TransformerBridge:
+    """Load a registry name, Hugging Face id or local checkpoint directory as a TransformerBridge.
+
+    Args:
+        name_or_path: e.g. "CodeLlama-7b", "codellama/CodeLlama-7b-hf" or "runs/ckpt".
+        device: None picks "cuda" when available, else "cpu".
+        dtype: None picks bfloat16 on cuda and float32 on cpu; or "float32" / "bfloat16" /
+            "float16" / a torch.dtype.
+        compatibility_mode: apply HookedTransformer-style weight processing (folded
+            LayerNorm, centred weights); logits then match HF only up to a per-position
+            constant, i.e. log-probs match.
+        revision: hub revision (branch, tag or commit) for hub models.
+
+    Returns:
+        The bridge, in eval mode, with a left-padding tokenizer and `model.boxprobe_info`.
+    """
+    name = str(name_or_path)
+    device_str = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device_str)
+    resolved = name if isinstance(name_or_path, Path) else resolve_model_name(name)
+    local = isinstance(name_or_path, Path) or _looks_like_path(resolved) or Path(resolved).is_dir()
+    if local:
+        ckpt = check_checkpoint_dir(resolved, name)
+        metadata = read_checkpoint_metadata(ckpt)
+        source, target, rev = "local", str(ckpt), checkpoint_fingerprint(ckpt)
+    else:
+        metadata, source, target = {}, "hub", resolved
+        rev = _cached_hub_revision(resolved, revision)
+        if rev is None and _offline():
+            raise ModelLoadError(
+                f"{_describe(name, resolved)} is not a local directory and is not in the Hugging "
+                "Face cache; HF_HUB_OFFLINE is set, so it cannot be downloaded now. Download it "
+                f"first (e.g. `huggingface-cli download {resolved}` with network access) or pass "
+                "a checkpoint directory"
+            )
+    logger.info("loading %s from %s on %s as %s", name, target, device_str, torch_dtype)
+    try:
+        model = TransformerBridge.boot_transformers(
+            target, device=device_str, dtype=torch_dtype, revision=revision
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+        raise ModelLoadError(
+            f"failed to load model {_describe(name, target)} with "
+            f"TransformerBridge.boot_transformers: {e}"
+        ) from e
+    model.eval()
+    setup_tokenizer_for_batching(model)
+    if compatibility_mode:
+        model.enable_compatibility_mode(disable_warnings=True)
+    if source == "hub":
+        rev = getattr(model.original_model.config, "_commit_hash", None) or rev
+    prompt_format = metadata.get("prompt_format")
+    model.boxprobe_info = ModelInfo(
+        name=name,
+        source=source,
+        path_or_id=target,
+        revision=rev,
+        weight_mode="compatibility" if compatibility_mode else "raw",
+        prompt_format=str(prompt_format) if prompt_format is not None else None,
+        device=device_str,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        metadata=metadata,
+    )
+    return model
+
+
+def model_info(model: TransformerBridge) -> ModelInfo | None:
+    """The ModelInfo `load_model` attached, or None for bridges built another way."""
+    return getattr(model, "boxprobe_info", None)
+
+
+def model_label(model: TransformerBridge) -> str:
+    """A short human-readable name for messages: the name it was loaded by, else cfg.model_name."""
+    info = model_info(model)
+    return info.name if info is not None else str(getattr(model.cfg, "model_name", "model"))
+
+
+def model_context_length(model: TransformerBridge) -> int:
+    """The model's maximum sequence length (cfg.n_ctx)."""
+    return int(model.cfg.n_ctx)
+
+
+_SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_key_value_heads")
+
+
+def _vocab_differences(tok_a, tok_b, label_a: str, label_b: str) -> tuple[list[str], bool]:
+    """Differences between two tokenizers' vocabularies; second value: one extends the other."""
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    if va == vb:
+        return [], False
+    shared = va.keys() & vb.keys()
+    clashes = sorted(t for t in shared if va[t] != vb[t])
+    if clashes:
+        ex = ", ".join(f"{t!r}: {va[t]} vs {vb[t]}" for t in clashes[:3])
+        return [f"tokenizer: {len(clashes)} shared tokens have different ids ({ex})"], False
+    only_a, only_b = len(va.keys() - vb.keys()), len(vb.keys() - va.keys())
+    msg = (
+        f"tokenizer vocab: {label_a} has {len(va)} tokens and {label_b} has {len(vb)} "
+        f"({only_a} only in {label_a}, {only_b} only in {label_b})"
+    )
+    return [msg], only_a == 0 or only_b == 0
+
+
+def compare_models(
+    model_a: TransformerBridge,
+    model_b: TransformerBridge,
+    allow_vocab_extension: bool = True,
+    probe_strings: Sequence[str] = DEFAULT_PROBE_STRINGS,
+) -> list[str]:
+    """Every difference that matters for patching activations between two models.
+
+    Compares the architecture, n_layers, d_model, n_heads, d_head, d_mlp, n_key_value_heads,
+    d_vocab and the tokenizers (vocab ids, BOS id, and token ids of `probe_strings`).
+    With `allow_vocab_extension`, a vocab that only adds tokens to the other's with all shared
+    ids equal (CodeLlama-7b's 16 infilling tokens on top of Llama-2-7b's) and the d_vocab
+    difference it causes are tolerated, since boxes prompts tokenize identically.
+    """
+    la, lb = model_label(model_a), model_label(model_b)
+    if la == lb:
+        la, lb = f"{la} (a)", f"{lb} (b)"
+    diffs: list[str] = []
+    ca, cb = model_a.cfg, model_b.cfg
+    arch_a = getattr(ca, "architecture", None) or getattr(ca, "original_architecture", None)
+    arch_b = getattr(cb, "architecture", None) or getattr(cb, "original_architecture", None)
+    if arch_a != arch_b:
+        diffs.append(f"architecture: {la} is {arch_a}, {lb} is {arch_b}")
+    for attr in _SHAPE_FIELDS:
+        va, vb = getattr(ca, attr, None), getattr(cb, attr, None)
+        if va != vb:
+            diffs.append(f"{attr}: {la} has {va}, {lb} has {vb}")
+
+    tok_a, tok_b = model_a.tokenizer, model_b.tokenizer
+    if tok_a is None or tok_b is None:
+        diffs.append(f"tokenizer: missing on {la if tok_a is None else lb}")
+        extension = False
+    else:
+        vocab_diffs, extension = _vocab_differences(tok_a, tok_b, la, lb)
+        tolerated = extension and allow_vocab_extension
+        if tolerated:
+            logger.info("tolerating vocab extension: %s", vocab_diffs[0])
+        else:
+            diffs.extend(vocab_diffs)
+        if tok_a.bos_token_id != tok_b.bos_token_id:
+            diffs.append(f"tokenizer bos id: {la} has {tok_a.bos_token_id}, {lb} has "
+                         f"{tok_b.bos_token_id}")
+        for s in probe_strings:
+            ids_a = tok_a(s, add_special_tokens=False)["input_ids"]
+            ids_b = tok_b(s, add_special_tokens=False)["input_ids"]
+            if ids_a != ids_b:
+                diffs.append(f"tokenizer: {s!r} tokenizes to {ids_a} in {la}, {ids_b} in {lb}")
+    if ca.d_vocab != cb.d_vocab and not (extension and allow_vocab_extension):
+        diffs.append(f"d_vocab: {la} has {ca.d_vocab}, {lb} has {cb.d_vocab}")
+    return diffs
+
+
+def check_same_family(
+    model_a: TransformerBridge,
+    model_b: TransformerBridge,
+    allow_vocab_extension: bool = True,
+    probe_strings: Sequence[str] = DEFAULT_PROBE_STRINGS,
+) -> None:
+    """Raise ModelMismatchError listing every difference `compare_models` finds."""
+    diffs = compare_models(model_a, model_b, allow_vocab_extension, probe_strings)
+    if diffs:
+        raise ModelMismatchError(
+            f"{model_label(model_a)} and {model_label(model_b)} cannot be patched into each "
+            "other; pick a pair from the same family (see boxprobe.registry.MODEL_PAIRS). "
+            "Differences:\n  - " + "\n  - ".join(diffs)
+        )
+

@@ -1,0 +1,16 @@
+"""Pytest setup: keep Hugging Face libraries offline so no test ever reaches the hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint (2 layers, d_model 64, word-level tokenizer) on disk."""
+    from helpers import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), arch="llama")

@@ -1,0 +1,117 @@
+"""Shared test helpers: tiny random checkpoints that load offline through TransformerBridge.
+
+`make_tiny_checkpoint` writes a Hugging Face checkpoint directory (config, safetensors weights,
+word-level tokenizer) small enough to build and run in well under a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+# Enough of the boxes-task vocabulary for prompts like "Box 0 contains the apple ."
+DEFAULT_WORDS: tuple[str, ...] = (
+    "Box", "box", "contains", "the", "and", "nothing", "is", "empty", "Move", "Put", "Remove",
+    "into", "from", "in", ".", ",", ":", "Description", "Statement", "Boxes",
+    "0", "1", "2", "3", "4", "5", "6",
+    "apple", "ball", "bell", "book", "car", "cup", "fan", "hat", "key", "map", "pen", "ring",
+)
+
+ARCHITECTURES = ("llama", "mistral", "gemma")
+
+
+def make_tokenizer(
+    words: Sequence[str] = DEFAULT_WORDS, name_or_path: str = "tiny"
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer that prepends <s> (BOS) to every sequence."""
+    vocab: dict[str, int] = {}
+    for tok in (*SPECIAL_TOKENS, *words):
+        vocab.setdefault(tok, len(vocab))
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    backend.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        name_or_path=name_or_path,
+    )
+    return tok
+
+
+def _make_config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, d_model: int):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
+    if arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        # Grouped-query attention like the real Mistral-7B (8 query heads share 2 kv heads).
+        common.update(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+        return MistralConfig(**common), MistralForCausalLM
+    if arch == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        common.update(head_dim=d_model // 4)
+        return GemmaConfig(**common), GemmaForCausalLM
+    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def make_tiny_checkpoint(
+    path: str | Path,
+    arch: str = "llama",
+    words: Sequence[str] = DEFAULT_WORDS,
+    d_model: int = 64,
+    seed: int = 0,
+    metadata: dict | None = None,
+) -> Path:
+    """Write a tiny random `arch` causal LM + word-level tokenizer to `path` and return it.
+
+    `metadata`, when given, is written to `boxprobe.json` next to the weights.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(words, name_or_path=str(path))
+    config, model_cls = _make_config(
+        arch, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, d_model
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Random init is tiny (std 0.02); widen it so logits differ clearly between tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if metadata is not None:
+        (path / "boxprobe.json").write_text(json.dumps(metadata))
+    return path
