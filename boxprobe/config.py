@@ -45,8 +45,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         kind = hints_by_name.get(key)
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             value = from_dict(kind, value, where=f"{where or cls.__name__}.{key}")
-        elif typing.get_origin(kind) is tuple and isinstance(value, list):
-            value = tuple(value)
+        elif typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+            item_kind = typing.get_args(kind)[0] if typing.get_args(kind) else None
+            if dataclasses.is_dataclass(item_kind):
+                value = tuple(from_dict(item_kind, v, where=f"{where or cls.__name__}.{key}[{i}]")
+                              if isinstance(v, dict) else v for i, v in enumerate(value))
+            else:
+                value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
 

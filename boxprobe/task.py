@@ -235,6 +235,8 @@ def generate_sequences(cfg: TaskConfig) -> list[BoxSequence]:
 
 def _translate_state(state: State, source: Sequence[str], target: Sequence[str]) -> State:
     # Map objects by vocabulary rank, so the disjoint split keeps the same state structure.
+    if len(target) < len(source):
+        raise ValueError(f"The disjoint vocabulary has {len(target)} words; it needs at least {len(source)}.")
     mapping = dict(zip(source, target))
     return tuple(tuple(sorted(mapping[o] for o in box)) for box in state)
 
@@ -336,9 +338,19 @@ class Example:
         return self.sentence_masked.rsplit(". ", 1)[1].split(MASK)[0].strip()
 
     @property
+    def answer_text(self) -> str:
+        """The answer as the statement writes it: ``"the bag"``, ``"nothing"`` or ``"is empty"``."""
+        return self.masked_content.replace(MASK, "").strip()
+
+    @property
+    def state_key(self) -> tuple[int, int | None]:
+        """Identifies the state (sequence prefix) the example queries."""
+        return (self.sample_id, self.num_operations)
+
+    @property
     def gold(self) -> str:
         """The gold content string, e.g. ``"the bag and the cup"`` or ``"nothing"``."""
-        answer = self.masked_content.replace(MASK, "").strip()
+        answer = self.answer_text
         if answer == "is empty":
             return "nothing"
         return answer.removeprefix("contains ").strip()

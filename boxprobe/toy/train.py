@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from boxprobe.config import from_dict
 from boxprobe.toy.corpus import CorpusWeights, Segment, boxes_document, code_document
 from boxprobe.toy.tokenizer import build_tokenizer
 
@@ -102,14 +101,6 @@ class TrainConfig:
     """Stop (after saving) once this much wall time has passed in this process; resume later."""
     threads: int = 1
     """torch threads; two 1-thread runs side by side beat one 2-thread run on 2 cores."""
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
-        if "phases" in data:
-            data["phases"] = tuple(from_dict(Phase, p, where="phases") if isinstance(p, dict) else p
-                                   for p in data["phases"])
-        return from_dict(cls, data)
 
 
 def sample_document(rng: np.random.Generator, cfg: TrainConfig, phase_index: int) -> list[Segment]:
@@ -197,8 +188,10 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer("boxprobe-toy")
     state_path = out / "state.pt"
+    # A resumed or continued run keeps the tokenizer it was trained with, even if the word lists change.
+    source = out / "checkpoint" if state_path.exists() else Path(cfg.init_from) if cfg.init_from else None
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(source) if source else build_tokenizer("boxprobe-toy")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:

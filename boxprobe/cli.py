@@ -1,0 +1,91 @@
+"""The ``boxprobe`` command line: thin wrappers over the Python API.
+
+    boxprobe generate --out DIR [--seed 2255] [--num-samples 2200] [--num-operations 12] [--variant ...]
+    boxprobe eval --model NAME_OR_PATH --data FILE --out DIR [--format per-box|all-boxes] [--limit N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+VARIANTS = ("alt-forms", "disjoint-vocab", "numops-split", "move-contents", "seq2seq")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from boxprobe.task import TaskConfig, generate_dataset
+
+    variants = set(args.variant or ())
+    cfg = TaskConfig(
+        num_samples=args.num_samples, num_operations=args.num_operations, seed=args.seed, num_boxes=args.num_boxes,
+        alt_forms="alt-forms" in variants, move_contents="move-contents" in variants,
+        numops_split="numops-split" in variants,
+        disjoint_vocab_splits=tuple(args.disjoint_splits) if "disjoint-vocab" in variants else (),
+        output_format="seq2seq" if "seq2seq" in variants else "in-context",
+    )
+    paths = generate_dataset(cfg, args.out)
+    for name, path in paths.items():
+        n = sum(1 for _ in path.open())
+        print(f"{name:16s} {n:7d} examples  {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from boxprobe.evaluate import evaluate_file
+
+    result = evaluate_file(
+        args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, method=args.method)
+    print(result.table())
+    print(f"\nwrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boxprobe", description="Entity tracking interpretability on the boxes task.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write train/dev/test(-subsample) JSONL files of the boxes task")
+    gen.add_argument("--out", required=True, type=Path, help="output directory")
+    gen.add_argument("--seed", type=int, default=2255)
+    gen.add_argument("--num-samples", type=int, default=2200, help="number of distinct initial states")
+    gen.add_argument("--num-operations", type=int, default=12)
+    gen.add_argument("--num-boxes", type=int, default=7)
+    gen.add_argument("--variant", action="append", choices=VARIANTS, help="may be given several times")
+    gen.add_argument("--disjoint-splits", nargs="+", default=["dev", "test"],
+                     help="splits that use the rare vocabulary with --variant disjoint-vocab")
+    gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="behavioural accuracy of a model by numops")
+    ev.add_argument("--model", required=True, help="Hugging Face id, registry name or checkpoint directory")
+    ev.add_argument("--data", required=True, type=Path, help="boxes JSONL file")
+    ev.add_argument("--out", required=True, type=Path, help="output directory")
+    ev.add_argument("--format", choices=("per-box", "all-boxes"), default=None,
+                    help="prompt format (default: the checkpoint's recorded format, else per-box)")
+    ev.add_argument("--template", default=None, help="prompt template name or JSON file (default: the checkpoint's, else default)")
+    ev.add_argument("--method", choices=("fast", "generate", "both"), default="fast",
+                    help="fast: one teacher-forced pass per query (exact match); generate: greedy decoding")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"boxprobe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
