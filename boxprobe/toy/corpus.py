@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from boxprobe.task import (
-    OPERATION_KINDS,
     BoxSequence,
     Operation,
     TaskConfig,
-    apply_operation,
     box_name,
     load_vocabulary,
     render_description,
@@ -149,4 +147,31 @@ def _print_box(rng, prog: _Program, boxes, pattern: str, names=None, always_sort
         prog.output(_py_list(boxes[box]))
 
 
-__all__ = ["CorpusWeights", "boxes_document", "code_document", "OPERATION_KINDS", "apply_operation"]
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """A sample of a toy corpus, written out for inspection or for training elsewhere."""
+
+    kind: str = "boxes"
+    """``boxes`` (natural language) or ``code`` (Python programs)."""
+    n_documents: int = 100
+    """Number of documents to write."""
+    num_boxes: int = 7
+    """Boxes (containers) per document."""
+    max_operations: int = 12
+    """Each document draws 0..max_operations operations."""
+    alt_forms_prob: float = 0.1
+    """Share of boxes documents in the AltForms phrasing."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+def sample_corpus(cfg: CorpusConfig) -> list[list[Segment]]:
+    """``cfg.n_documents`` documents of the configured corpus."""
+    if cfg.kind not in ("boxes", "code"):
+        raise ValueError(f"corpus kind must be 'boxes' or 'code', got {cfg.kind!r}")
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.kind == "code":
+        return [code_document(rng, cfg.num_boxes, cfg.max_operations) for _ in range(cfg.n_documents)]
+    return [boxes_document(rng, cfg.num_boxes, cfg.max_operations, alt_forms_prob=cfg.alt_forms_prob)
+            for _ in range(cfg.n_documents)]
