@@ -1,0 +1,314 @@
+"""One self-contained HTML dashboard of a boxprobe run.
+
+``write_dashboard`` puts figures, grouped into sections and each with a short caption, into ONE
+HTML file that opens offline: the plotly JavaScript is inlined exactly once in the page head and
+every figure is embedded without its own copy. ``dashboard_from_run`` builds
+``RUN_DIR/dashboard.html`` from the tidy CSV files of a run directory.
+
+Run-directory layout read by ``dashboard_from_run`` (every file is optional; a figure is built
+when its file exists, a section with no files shows a one-line "not run" note):
+
+==========================  ==================================================================
+``run.json``                free-form run info (e.g. models, weight_mode, date, seed, commit)
+``behaviour.csv``           model, numops, accuracy (fraction), ci_low, ci_high[, n]
+``probe_accuracy.csv``      model, layer, value, kind[, ci_low, ci_high, probe, metric]
+                            (kind: task / control / random-init / majority; one figure per metric)
+``probe_heatmap.csv``       model, layer, numops, value (one figure per model)
+``selectivity.csv``         model, layer, selectivity[, ci_low, ci_high, probe]
+``model_difference.csv``    layer, diff, ci_low, ci_high[, model_a, model_b] (one figure per pair)
+``patching_resid.csv``      model, layer, position, value[, token] (one figure per model)
+``patching_heads.csv``      model, layer, head, value (one figure per model)
+``attention_heads.csv``     model, layer, head, role, mean (one figure per model and role)
+``cmap.csv``                group, metric ("accuracy" | "logit_diff"), before, after
+==========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from boxprobe import plots
+from boxprobe.registry import PAPER_CITATION
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Section", "write_dashboard", "dashboard_from_run", "RUN_FILES"]
+
+
+@dataclass
+class Section:
+    """A titled group of (figure, caption) pairs; ``note`` replaces the figures when empty."""
+
+    title: str
+    figures: list[tuple[go.Figure, str]] = field(default_factory=list)
+    note: str = "not run"
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
+       max-width: 1200px; padding: 0 24px 48px; color: #222; }
+header { border-bottom: 1px solid #ddd; margin-bottom: 16px; }
+table.run-info { border-collapse: collapse; font-size: 14px; margin: 8px 0 16px; }
+table.run-info th { text-align: left; padding: 2px 16px 2px 0; color: #555; font-weight: 600; }
+table.run-info td { padding: 2px 0; }
+nav a { margin-right: 16px; }
+figure { margin: 12px 0 32px; }
+figcaption { font-size: 14px; color: #444; margin-top: 4px; max-width: 900px; }
+p.not-run { color: #888; font-style: italic; }
+#bp-js-errors { color: #b00; white-space: pre-wrap; }
+"""
+
+# Registered before plotly loads, so a figure that fails to render shows its error on the page
+# (and tests can read it from the DOM) instead of leaving a silent blank box.
+_ERROR_HOOK = """
+window.__bpErrors = [];
+window.addEventListener("error", function (e) {
+  window.__bpErrors.push(String(e.message || e));
+  document.documentElement.setAttribute("data-js-errors", JSON.stringify(window.__bpErrors));
+  var box = document.getElementById("bp-js-errors");
+  if (box) { box.textContent = "JavaScript errors: " + window.__bpErrors.join("; "); }
+});
+"""
+
+
+def _format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _run_info_html(run_info: dict | None) -> str:
+    info = dict(run_info or {})
+    info.setdefault("generated", _dt.datetime.now().isoformat(timespec="seconds"))
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_format_value(v))}</td></tr>"
+                   for k, v in info.items())
+    return f'<table class="run-info">{rows}</table>'
+
+
+def _anchor(i: int, title: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+    return f"s{i}-{slug}"
+
+
+def write_dashboard(sections: list[Section], path: str | Path, title: str = "boxprobe dashboard",
+                    run_info: dict | None = None) -> Path:
+    """Write ``sections`` as one self-contained HTML file at ``path`` and return the path.
+
+    The plotly JavaScript is inlined once in the head (the file opens offline); each figure is
+    followed by its caption. A header shows ``run_info`` (e.g. models, weight mode, date) and
+    when the file was generated; a section without figures shows its one-line ``note``.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"cannot write dashboard {path}: folder {path.parent} does not exist")
+    body, toc, n_fig = [], [], 0
+    for i, section in enumerate(sections):
+        anchor = _anchor(i, section.title)
+        toc.append(f'<a href="#{anchor}">{html.escape(section.title)}</a>')
+        body.append(f'<section id="{anchor}"><h2>{html.escape(section.title)}</h2>')
+        if not section.figures:
+            body.append(f'<p class="not-run">{html.escape(section.note)}</p>')
+        for fig, caption in section.figures:
+            if not isinstance(fig, go.Figure):
+                raise TypeError(f"section {section.title!r}: expected a plotly Figure, "
+                                f"got {type(fig).__name__}")
+            div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"bp-fig-{n_fig}",
+                              config={"displaylogo": False, "responsive": True})
+            body.append(f'<figure class="bp-figure">{div}'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            n_fig += 1
+        body.append("</section>")
+    page = "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
+        f"<script>{_ERROR_HOOK}</script>",
+        f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>",
+        f"<header><h1>{html.escape(title)}</h1>{_run_info_html(run_info)}",
+        f"<nav>{''.join(toc)}</nav></header>", '<div id="bp-js-errors"></div>',
+        *body, "</body>", "</html>",
+    ])
+    path.write_text(page, encoding="utf-8")
+    logger.info("wrote dashboard with %d figures to %s", n_fig, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a dashboard from a run directory
+
+RUN_FILES: dict[str, list[str]] = {
+    "behaviour.csv": ["model", "numops", "accuracy", "ci_low", "ci_high"],
+    "probe_accuracy.csv": ["model", "layer", "value", "kind"],
+    "probe_heatmap.csv": ["model", "layer", "numops", "value"],
+    "selectivity.csv": ["model", "layer", "selectivity"],
+    "model_difference.csv": ["layer", "diff", "ci_low", "ci_high"],
+    "patching_resid.csv": ["model", "layer", "position", "value"],
+    "patching_heads.csv": ["model", "layer", "head", "value"],
+    "attention_heads.csv": ["model", "layer", "head", "role", "mean"],
+    "cmap.csv": ["group", "metric", "before", "after"],
+}
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err}); re-export it or delete it") from err
+    missing = [c for c in RUN_FILES[path.name] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
+                         f"{', '.join(RUN_FILES[path.name])} (see boxprobe.dashboard docstring)")
+    if df.empty:
+        raise ValueError(f"{path}: the file has a header but no rows; delete it or re-run the step")
+    return df
+
+
+def _split(df: pd.DataFrame, cols: list[str]):
+    """Yield (key, sub-frame) per combination of the ``cols`` present in ``df``."""
+    cols = [c for c in cols if c in df.columns]
+    if not cols:
+        yield (), df
+        return
+    for key, d in df.groupby(cols, sort=False, dropna=False):
+        yield (key if isinstance(key, tuple) else (key,)), d
+
+
+def _figures(run_dir: Path, name: str, build: Callable[[pd.DataFrame], list]) -> list:
+    path = run_dir / name
+    if not path.is_file():
+        return []
+    df = _read_csv(path)
+    try:
+        return build(df)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _behaviour(df):
+    cap = ("Behavioural accuracy (fraction of queries answered exactly right) by the number of "
+           "operations that affected the queried box; error bars are confidence intervals. "
+           f"Dashed lines (registered models only): accuracies reported by {PAPER_CITATION}; "
+           "dotted: its random baseline.")
+    return [(plots.behaviour_accuracy(df), cap)]
+
+
+def _probe_accuracy(df):
+    out = []
+    for key, d in _split(df, ["metric"]):
+        metric = key[0] if key and pd.notna(key[0]) else "accuracy"
+        out.append((plots.probe_accuracy_by_layer(d), (
+            f"Probe {metric} on the residual stream by layer. Solid: task probe; dashed/dotted: "
+            "control task, random-init model and majority baselines; bands are intervals.")))
+    return out
+
+
+def _probe_heatmap(df):
+    return [(plots.probe_heatmap(d), f"{k[0]}: probe accuracy by layer (x) and number of "
+             "operations on the queried box (y).") for k, d in _split(df, ["model"])]
+
+
+def _selectivity(df):
+    return [(plots.selectivity_by_layer(df), "Selectivity: task-probe accuracy minus control-"
+             "task accuracy by layer; above zero the probe reads the task, not just memorises.")]
+
+
+def _difference(df):
+    out = []
+    for key, d in _split(df, ["model_a", "model_b"]):
+        label = f"{key[0]} − {key[1]}" if len(key) == 2 else "model A − model B"
+        out.append((plots.model_difference(d), f"Probe accuracy difference {label} by layer "
+                    "with a shaded 95% interval; the line at zero means no difference."))
+    return out
+
+
+def _patching_resid(df):
+    return [(plots.patching_heatmap(d), f"{k[0]}: effect of patching the residual stream at "
+             "each layer and token position from the clean into the corrupted run.")
+            for k, d in _split(df, ["model"])]
+
+
+def _patching_heads(df):
+    return [(plots.head_heatmap(d), f"{k[0]}: effect of patching each attention head's output.")
+            for k, d in _split(df, ["model"])]
+
+
+def _attention(df):
+    out = []
+    for (model, role), d in _split(df, ["model", "role"]):
+        out.append((plots.head_heatmap(d, value="mean", title=f"Mean attention ({role}): {model}"),
+                    f"{model}: mean attention of each head to the {role} token(s)."))
+    return out
+
+
+def _cmap(df):
+    return [(plots.cmap_bars(df), "Cross-model activation patching: the metric of the base "
+             "model before and after patching in activations of the fine-tuned model.")]
+
+
+# Section title -> (file, figure builder) in display order.
+_SECTIONS: list[tuple[str, list[tuple[str, Callable]]]] = [
+    ("Behaviour", [("behaviour.csv", _behaviour)]),
+    ("Probes", [("probe_accuracy.csv", _probe_accuracy), ("probe_heatmap.csv", _probe_heatmap),
+                ("selectivity.csv", _selectivity)]),
+    ("Model comparison", [("model_difference.csv", _difference)]),
+    ("Activation patching", [("patching_resid.csv", _patching_resid),
+                             ("patching_heads.csv", _patching_heads)]),
+    ("Attention", [("attention_heads.csv", _attention)]),
+    ("Cross-model activation patching", [("cmap.csv", _cmap)]),
+]
+
+
+def _run_info(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
+def dashboard_from_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Build the dashboard of a run directory (layout in the module docstring).
+
+    Writes ``RUN_DIR/dashboard.html`` (or ``path``) and returns its path. Raises
+    FileNotFoundError when ``run_dir`` does not exist and ValueError naming the file when a CSV
+    or ``run.json`` is malformed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (or is not a folder); "
+                                "pass the folder an experiment wrote its CSVs to")
+    info = _run_info(run_dir)
+    sections, models = [], []
+    for title, sources in _SECTIONS:
+        figures = []
+        for name, build in sources:
+            figures += _figures(run_dir, name, build)
+        files = ", ".join(name for name, _ in sources)
+        sections.append(Section(title, figures, note=f"not run (no {files} in the run directory)"))
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            df = pd.read_csv(run_dir / name)
+            models += [m for m in df.get("model", pd.Series(dtype=str)).astype(str).unique()
+                       if m not in models]
+    if models and "models" not in info:
+        info = {"models": models, **info}
+    if not any(s.figures for s in sections):
+        logger.warning("no result files in %s; the dashboard will only say 'not run'", run_dir)
+    return write_dashboard(sections, Path(path) if path else run_dir / "dashboard.html",
+                           title=f"boxprobe dashboard: {run_dir.name}", run_info=info)
