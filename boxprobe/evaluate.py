@@ -1,0 +1,507 @@
+"""Behavioural accuracy on the boxes task: batched greedy generation and a one-pass exact-match path.
+
+``method="generate"`` decodes greedily (left-padded batches with an explicit attention mask) until a
+token holding "." or a newline, EOS, or ``max_new_tokens``; predictions are scored with the set rule
+of :mod:`boxprobe.scoring`. ``method="fast"`` teacher-forces the gold continuation (with its closing
+".") in one pass: greedy decoding reproduces the gold tokens exactly iff the argmax at every gold
+position is the gold token, the gold ends with a stop token and has none before. The fast verdict
+is therefore *token exact match*; it counts as wrong an answer that names the right objects in
+another order or spacing, which set scoring accepts. ``method="both"`` runs both and records in
+``summary["agreement"]`` how often they agree (``exact_match``: fast vs generated-tokens-equal-gold,
+1.0 by construction; ``correct``: fast vs set-scored generation). On a partly trained toy checkpoint
+(700 per-box queries of 0-2 operations) they disagreed on 0.6% of examples, all answers that repeat
+an object ("the saw and the saw."), which the set rule accepts; no order-only answer occurred.
+
+All-boxes prompts answer the seven boxes in one statement. Generation splits it with
+:func:`boxprobe.scoring.split_all_boxes_statement` (a box never mentioned is wrong). The fast path
+forces the whole statement and judges box k correct iff every argmax in box k's span (its
+"Box k contains", its objects and the following "," or ".") is right; later boxes are conditioned
+on the gold earlier ones, so a box after a mistake may pass here although generation, which
+carries the mistake forward, fails it.
+
+Context reuse: the per-box queries of one context differ only in the final statement, so the
+shared token prefix runs once per context and its key-value cache is expanded to the queries.
+TransformerBridge 4.3 accepts ``past_key_values`` and ``return_type="logits_and_cache"``, but its
+attention bridges read the cache from the ``past_key_values`` keyword while transformers 5 passes
+it as ``cache``; the cache then stays empty and cached logits are silently wrong (so are those of
+``TransformerBridge.generate`` with its KV cache). :func:`cache_keyword_fix` copies the keyword
+while evaluation runs, and before relying on it :func:`kv_cache_works` checks on the data that
+cached and uncached logits agree; if they do not, evaluation runs without cache, only slower.
+Generation thus reuses contexts too, so the fast path saves the decoding steps, not the prompt pass:
+``benchmarks/eval_speed.py`` measures 3-4x over cached generation on a CPU toy model, ~40x over
+generation that recomputes the whole sequence for every token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from boxprobe.config import check_choice
+from boxprobe.models import load_model, model_context_length, model_info, model_label
+from boxprobe.prompts import PromptTemplate, Query, build_queries, load_template
+from boxprobe.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
+from boxprobe.task import OPERATION_KINDS, Example, read_examples
+
+logger = logging.getLogger(__name__)
+Method = Literal["fast", "generate", "both"]
+METHODS = ("fast", "generate", "both")
+NUMOPS_KEYS = range(8)
+
+
+class ContextLengthError(ValueError):
+    """A prompt plus its answer does not fit the model's context; ``example`` is the offending one."""
+
+    def __init__(self, message: str, example: Example):
+        super().__init__(message)
+        self.example = example
+
+
+@dataclass
+class EvalResult:
+    """One row per example (``frame``) and a JSON-friendly ``summary``."""
+
+    frame: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Accuracy per numops with n and the normal 95% interval, then overall and state accuracy."""
+        lines = [f"{'numops':>6} {'n':>6} {'accuracy':>9}  95% CI"]
+        acc, n, ci = self.summary["accuracy_by_numops"], self.summary["n_by_numops"], self.summary["ci_by_numops"]
+        fmt = lambda x: "   -" if x is None else f"{x:.3f}"  # noqa: E731
+        for key in acc:
+            lo, hi = ci[key]
+            lines.append(f"{key:>6} {n[key]:>6} {fmt(acc[key]):>9}  [{fmt(lo)}, {fmt(hi)}]")
+        s = self.summary
+        (lo, hi), n_all = s["accuracy_ci"], s["n_examples"]
+        lines.append(f"{'all':>6} {n_all:>6} {fmt(s['accuracy']):>9}  [{fmt(lo)}, {fmt(hi)}]")
+        lines.append(f"state accuracy {fmt(s['state_accuracy'])}  ({s['method']}, {s['prompt_format']}, "
+                     f"template {s['template']}, {s['model']})")
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``results.csv`` (the frame) and ``summary.json`` to ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.frame.to_csv(out_dir / "results.csv", index=False)
+        (out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+
+
+@dataclass
+class _Item:
+    """One tokenized query: prompt, gold continuation and each example's span of the gold."""
+
+    query: Query
+    prompt: list[int]
+    gold: list[int]
+    spans: list[tuple[int, int]]
+
+
+# -- tokenization ---------------------------------------------------------------------------------
+
+
+def _tokenize(model: TransformerBridge, texts: Sequence[str]) -> list[list[int]]:
+    # Same BOS rule as model.to_tokens, without padding or silent truncation.
+    tok, cfg = model.tokenizer, model.cfg
+    ids = tok(list(texts), add_special_tokens=True)["input_ids"]
+    want, has = getattr(cfg, "default_prepend_bos", True), getattr(cfg, "tokenizer_prepends_bos", True)
+    if want and not has and tok.bos_token_id is not None:
+        return [[tok.bos_token_id, *row] for row in ids]
+    if has and not want:
+        return [row[1:] if row and row[0] == tok.bos_token_id else row for row in ids]
+    return ids
+
+
+def _encode(model: TransformerBridge, queries: Sequence[Query]) -> list[_Item]:
+    prompts = _tokenize(model, [q.prompt for q in queries])
+    fulls = _tokenize(model, [q.prompt + q.continuation for q in queries])
+    items = []
+    for q, prompt, full in zip(queries, prompts, fulls):
+        if full[: len(prompt)] != prompt or len(full) == len(prompt):
+            raise ValueError(f"The tokenizer of {model_label(model)} merges the prompt's last token with the answer "
+                             f"({q.prompt[-30:]!r} + {q.continuation[:30]!r}); the answer cannot be scored token by token.")
+        gold = full[len(prompt):]
+        spans = [(0, len(gold))]
+        if q.prompt_format == "all-boxes" and len(q.examples) > 1:
+            # Box k's span ends with the "," (or final ".") after its answer; find it by tokenizing prefixes.
+            ends, pos = [], len(f" {q.examples[0].answer_text}")
+            for ex in q.examples[1:]:
+                ends.append(pos + 1)
+                pos += len(f", {ex.statement_prefix} {ex.answer_text}")
+            cuts = _tokenize(model, [q.prompt + q.continuation[:e] for e in ends])
+            bounds = [0] + [len(c) - len(prompt) for c in cuts] + [len(gold)]
+            if any(c != full[: len(c)] for c in cuts) or bounds != sorted(bounds):
+                raise ValueError(f"The tokenizer of {model_label(model)} merges tokens across box boundaries in "
+                                 f"{q.continuation[:60]!r}...; per-box fast verdicts are undefined. Use method='generate'.")
+            spans = list(zip(bounds[:-1], bounds[1:]))
+        items.append(_Item(q, prompt, gold, spans))
+    return items
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    """Tokens that end a generation: any whose text holds "." or a newline, and EOS."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    stops = {i for i, t in enumerate(texts) if "." in t or "\n" in t}
+    return stops | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+# -- key-value cache -------------------------------------------------------------------------------
+
+
+@contextmanager
+def cache_keyword_fix(model: TransformerBridge) -> Iterator[None]:
+    """While active, hand transformers 5's ``cache=`` keyword to TransformerBridge attention as ``past_key_values``."""
+
+    def copy_keyword(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(copy_keyword, with_kwargs=True)
+               for m in model.modules() if hasattr(m, "_update_kv_cache")]
+    try:
+        with warnings.catch_warnings():  # the bridge still passes transformers the old keyword name
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, side: str,
+         device) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward(model, ids, mask, cache=None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+    if cache is None:
+        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+    return model(ids, attention_mask=mask, past_key_values=cache), cache
+
+
+def kv_cache_works(model: TransformerBridge, tokens: Sequence[int]) -> bool:
+    """Whether logits computed through the key-value cache match a plain forward on ``tokens``."""
+    tokens = list(tokens)[:64]
+    if len(tokens) < 2:
+        return False
+    device, half = model.cfg.device, len(tokens) // 2
+    ids = torch.tensor([tokens], device=device)
+    ones = torch.ones_like(ids)
+    try:
+        with torch.inference_mode(), cache_keyword_fix(model):
+            ref = model(ids, attention_mask=ones)
+            _, cache = _forward(model, ids[:, :half], ones[:, :half])
+            cached, _ = _forward(model, ids[:, half:], ones, cache)
+    except Exception as err:  # an architecture whose bridge has no cache support
+        logger.warning("key-value cache unavailable for %s (%s); evaluating without it", model_label(model), err)
+        return False
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(cached.float(), ref[:, half:].float(), atol=tol * ref.float().abs().max().item(), rtol=0))
+
+
+# -- batched passes -------------------------------------------------------------------------------
+
+
+def _prefix(model, chunks: list[list[_Item]], shared: list[int], pad_id: int):
+    """Run each chunk's shared prefix once; return the cache expanded to one row per item and its mask."""
+    ids, mask = _pad([c[0].prompt[:p] for c, p in zip(chunks, shared)], pad_id, "left", model.cfg.device)
+    _, cache = _forward(model, ids, mask)
+    rows = torch.tensor([i for i, c in enumerate(chunks) for _ in c], device=ids.device)
+    cache.reorder_cache(rows)
+    return cache, mask[rows]
+
+
+def _shared_lengths(chunks: list[list[_Item]], reuse: bool) -> list[int]:
+    out = []
+    for c in chunks:
+        n = min(len(it.prompt) for it in c) - 1  # keep one prompt token per query for the suffix pass
+        for it in c[1:]:
+            n = next((i for i, (a, b) in enumerate(zip(c[0].prompt[:n], it.prompt)) if a != b), n)
+        out.append(n if reuse else 0)
+    return out
+
+
+def _fast_batch(model, chunks: list[list[_Item]], reuse: bool, pad_id: int) -> list[list[int]]:
+    """Per item, the argmax token at each gold position, with the gold teacher-forced (one pass)."""
+    items = [it for c in chunks for it in c]
+    shared = _shared_lengths(chunks, reuse)
+    p_of = [p for c, p in zip(chunks, shared) for _ in c]
+    rows = [it.prompt[p:] + it.gold[:-1] for it, p in zip(items, p_of)]
+    if reuse:
+        cache, pmask = _prefix(model, chunks, shared, pad_id)
+        ids, mask = _pad(rows, pad_id, "right", model.cfg.device)
+        logits, _ = _forward(model, ids, torch.cat([pmask, mask], 1), cache)
+        starts = [len(it.prompt) - p - 1 for it, p in zip(items, p_of)]
+    else:
+        ids, mask = _pad(rows, pad_id, "left", model.cfg.device)
+        logits = model(ids, attention_mask=mask)
+        starts = [ids.shape[1] - len(it.gold) for it in items]
+    top = logits.argmax(-1).cpu()
+    return [top[i, s: s + len(it.gold)].tolist() for i, (it, s) in enumerate(zip(items, starts))]
+
+
+def _generate_batch(model, chunks: list[list[_Item]], reuse: bool, use_cache: bool, pad_id: int,
+                    max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Greedy continuations, each up to and including its first stop token."""
+    items = [it for c in chunks for it in c]
+    device, n_ctx = model.cfg.device, model_context_length(model)
+    shared = _shared_lengths(chunks, reuse and use_cache)
+    p_of = [p for c, p in zip(chunks, shared) for _ in c]
+    ids, mask = _pad([it.prompt[p:] for it, p in zip(items, p_of)], pad_id, "left", device)
+    if reuse and use_cache:
+        cache, pmask = _prefix(model, chunks, shared, pad_id)
+        mask = torch.cat([pmask, mask], 1)
+        logits, cache = _forward(model, ids, mask, cache)
+    elif use_cache:
+        logits, cache = _forward(model, ids, mask)
+    else:
+        logits, cache = model(ids, attention_mask=mask), None
+    limits = [min(max_new_tokens, n_ctx - len(it.prompt) + 1) for it in items]  # the last token is never input
+    out: list[list[int]] = [[] for _ in items]
+    done = [lim <= 0 for lim in limits]
+    stop_t = torch.tensor(sorted(stops), device=device)
+    while True:
+        nxt = logits[:, -1].argmax(-1)
+        is_stop = torch.isin(nxt, stop_t).tolist()
+        for i, tok in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = is_stop[i] or len(out[i]) >= limits[i]
+        if all(done):
+            return out
+        step = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad_id), nxt)[:, None]
+        mask = torch.cat([mask, torch.ones_like(step)], 1)
+        if cache is not None:
+            logits, _ = _forward(model, step, mask, cache)
+        else:
+            ids = torch.cat([ids, step], 1)
+            logits = model(ids, attention_mask=mask)
+
+
+def _batches(items: list[_Item], batch_size: int) -> list[list[list[_Item]]]:
+    """Group consecutive queries of one context into chunks (at most batch_size), chunks into batches."""
+    chunks: list[list[_Item]] = []
+    for it in items:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < batch_size and last[0].query.examples[0].context == it.query.examples[0].context:
+            last.append(it)
+        else:
+            chunks.append([it])
+    batches, current = [], []
+    for c in chunks:
+        if current and sum(map(len, current)) + len(c) > batch_size:
+            batches.append(current)
+            current = []
+        current.append(c)
+    return batches + ([current] if current else [])
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def _rows(item: _Item, method: str, argmax: list[int] | None, generated: list[int] | None, tokenizer,
+          stops: set[int]) -> list[dict[str, Any]]:
+    q, rows = item.query, []
+    if argmax is not None:  # the verdict greedy decoding would give: every argmax right, stopping exactly at the end
+        hits = [a == g for a, g in zip(argmax, item.gold)]
+        valid = item.gold[-1] in stops and not any(t in stops for t in item.gold[:-1])
+        exact_fast = valid and all(hits)
+    if generated is not None:
+        text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        exact_gen = generated == item.gold
+        if q.prompt_format == "all-boxes":
+            label = q.examples[0].statement_prefix.rsplit(" ", 2)[0]
+            n_boxes = max((ex.box or 0) for ex in q.examples) + 1
+            per_box = split_all_boxes_statement(f"{q.examples[0].statement_prefix} {text}", n_boxes, label)
+    for ex, (start, end) in zip(q.examples, item.spans):
+        row = {"sample_id": ex.sample_id, "num_operations": ex.num_operations, "box": ex.box, "numops": ex.numops,
+               **{f"numops_{k}": ex.numops_by_op.get(k) for k in OPERATION_KINDS},
+               "gold": ex.gold, "prompt_format": q.prompt_format, "method": method}
+        if argmax is not None:  # an all-boxes box also passes if it ends with "." where gold has ","
+            ends_ok = hits[end - 1] or argmax[end - 1] in stops
+            row["correct_fast"] = bool(exact_fast if len(item.spans) == 1 else all(hits[start:end - 1]) and ends_ok)
+            row["exact_fast"] = bool(exact_fast)
+        if generated is not None:
+            prediction = per_box.get(ex.box) if q.prompt_format == "all-boxes" and len(q.examples) > 1 else text
+            row["prediction"] = prediction
+            row["correct_generate"] = bool(contents_match(prediction, ex.gold))
+            row["exact_generate"] = bool(exact_gen)
+        row["correct"] = row["correct_fast"] if method == "fast" else row["correct_generate"]
+        rows.append(row)
+    return rows
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _by_numops(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    values = sorted(set(NUMOPS_KEYS) | {int(v) for v in frame["numops"].unique()})
+    return accuracy_by_numops(frame.assign(correct=frame[column]), values)
+
+
+def _keyed(table: pd.DataFrame, *columns: str) -> dict[str, Any]:
+    """``{"0": value, ...}`` of one column, or ``{"0": [low, high], ...}`` of two."""
+    pick = lambda r: [_nan_to_none(getattr(r, c)) for c in columns]  # noqa: E731
+    return {str(r.numops): pick(r) if len(columns) > 1 else pick(r)[0] for r in table.itertuples()}
+
+
+def _summary(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
+    table = _by_numops(frame, "correct")
+    k, n = int(frame["correct"].sum()), len(frame)
+    out = {**meta, "n_examples": n, "accuracy": _nan_to_none(k / n),
+           "accuracy_ci": [_nan_to_none(x) for x in normal_ci(k, n)],
+           "accuracy_by_numops": _keyed(table, "accuracy"),
+           "n_by_numops": {str(r.numops): int(r.n) for r in table.itertuples()},
+           "ci_by_numops": _keyed(table, "ci_low", "ci_high"),
+           "wilson_ci_by_numops": _keyed(table, "wilson_low", "wilson_high"),
+           "state_accuracy": _nan_to_none(state_accuracy(frame))}
+    if meta["method"] == "both":
+        out["accuracy_fast"] = _nan_to_none(frame["correct_fast"].mean())
+        out["accuracy_fast_by_numops"] = _keyed(_by_numops(frame, "correct_fast"), "accuracy")
+        per_query = frame.groupby("query")[["exact_fast", "exact_generate"]].first()
+        out["agreement"] = {
+            "exact_match": float((per_query["exact_fast"] == per_query["exact_generate"]).mean()),
+            "correct": float((frame["correct_fast"] == frame["correct_generate"]).mean()),
+            "generate_right_fast_wrong": int((frame["correct_generate"] & ~frame["correct_fast"]).sum()),
+            "fast_right_generate_wrong": int((frame["correct_fast"] & ~frame["correct_generate"]).sum()),
+        }
+    return out
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def _settings(model: TransformerBridge, template, prompt_format) -> tuple[PromptTemplate, str]:
+    # Unset options fall back to the checkpoint's boxprobe.json, then to the 2-shot default, per-box.
+    info = model_info(model)
+    meta = info.metadata if info is not None else {}
+    if template is None:
+        template = meta.get("prompt_template") or meta.get("template") or "default"
+    template = template if isinstance(template, PromptTemplate) else load_template(template)
+    return template, prompt_format or (info.prompt_format if info is not None else None) or "per-box"
+
+
+def _check_lengths(items: list[_Item], n_ctx: int, label: str, template: PromptTemplate) -> None:
+    for it in items:
+        if len(it.prompt) + len(it.gold) - 1 > n_ctx:
+            ex = it.query.examples[0]
+            raise ContextLengthError(
+                f"example sample_id={ex.sample_id} num_operations={ex.num_operations} box={ex.box}: its prompt "
+                f"({len(it.prompt)} tokens) and answer ({len(it.gold)}) need {len(it.prompt) + len(it.gold) - 1} "
+                f"positions, more than model {label!r}'s context n_ctx={n_ctx}. Use a template with fewer "
+                f"demonstrations (template {template.name!r} has {len(template.demonstrations)}; template='toy' has "
+                "none), a shorter instruction, or data with fewer operations.", ex)
+
+
+def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template: str | Path | PromptTemplate | None = None,
+             prompt_format: str | None = None, method: Method = "fast", batch_size: int = 16, chat: bool = False,
+             limit: int | None = None, max_new_tokens: int | None = None, reuse_context: bool | None = None,
+             kv_cache: bool | None = None, progress: bool = True, partial_path: str | Path | None = None) -> EvalResult:
+    """Evaluate a loaded model on boxes examples; one row per example in ``result.frame``.
+
+    ``template`` and ``prompt_format`` default to those recorded in the checkpoint's boxprobe.json,
+    else "default" and "per-box". ``limit`` keeps the first N queries (an all-boxes query is one
+    state). ``max_new_tokens`` defaults to the longest gold answer plus 8 tokens. ``kv_cache`` (None:
+    when :func:`kv_cache_works`) lets generation decode incrementally; ``reuse_context`` (None: when the
+    cache is used) runs each context's shared prefix once. If a batch fails, the rows computed so far
+    are written to ``partial_path`` before the error is re-raised.
+    """
+    check_choice("method", method, METHODS)
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}.")
+    if not examples:
+        raise ValueError("No examples to evaluate.")
+    template, prompt_format = _settings(model, template, prompt_format)
+    tok, label, n_ctx = model.tokenizer, model_label(model), model_context_length(model)
+    items = _encode(model, build_queries(examples, template, prompt_format, tok, chat)[:limit])
+    _check_lengths(items, n_ctx, label, template)  # before any batch runs
+    stops = _stop_ids(tok)
+    pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0) if i is not None)
+    longest = max(len(it.gold) for it in items)
+    max_new_tokens = max_new_tokens or longest + 8
+    if method != "fast" and max_new_tokens < longest:
+        logger.warning("max_new_tokens=%d is below the longest gold answer (%d tokens).", max_new_tokens, longest)
+    use_cache = kv_cache is not False and kv_cache_works(model, items[0].prompt)
+    if (kv_cache or reuse_context) and not use_cache:
+        logger.warning("the key-value cache of %s is off or gives wrong logits; evaluating without it.", label)
+    reuse = use_cache and reuse_context is not False
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(items), desc=f"eval {method}", unit="query", disable=not progress)
+    try:
+        with torch.inference_mode(), cache_keyword_fix(model):
+            for batch in _batches(items, batch_size):
+                flat = [it for c in batch for it in c]
+                tops = _fast_batch(model, batch, reuse, pad_id) if method != "generate" else [None] * len(flat)
+                gens = (_generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops)
+                        if method != "fast" else [None] * len(flat))
+                for it, h, g in zip(flat, tops, gens):
+                    query = rows[-1]["query"] + 1 if rows else 0
+                    rows += [{"query": query, **r} for r in _rows(it, method, h, g, tok, stops)]
+                bar.update(len(flat))
+    except BaseException as err:
+        if rows and partial_path is not None:
+            Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(partial_path, index=False)
+            logger.error("evaluation failed; wrote the %d rows computed so far to %s", len(rows), partial_path)
+            if hasattr(err, "add_note"):
+                err.add_note(f"boxprobe: the {len(rows)} rows computed before the failure are in {partial_path}")
+        raise
+    finally:
+        bar.close()
+    info, frame = model_info(model), pd.DataFrame(rows)
+    compat = "compatibility" if getattr(model, "compatibility_mode", False) else "raw"
+    meta = {"model": label, "revision": info.revision if info else None,
+            "weight_mode": info.weight_mode if info else compat,
+            "prompt_format": prompt_format, "template": template.name, "method": method, "chat": chat,
+            "n_queries": len(items), "batch_size": batch_size, "context_reuse": reuse, "kv_cache": use_cache,
+            "max_new_tokens": max_new_tokens if method != "fast" else None, "n_ctx": n_ctx,
+            "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
+            "elapsed_s": round(time.perf_counter() - started, 3)}
+    return EvalResult(frame, _summary(frame, meta))
+
+
+def evaluate_file(model_name_or_path_or_model: str | Path | TransformerBridge, data_path: str | Path,
+                  out_dir: str | Path, *, prompt_format: str | None = None, template: str | Path | None = None,
+                  limit: int | None = None, device: str | None = None, dtype: str | None = None, batch_size: int = 16,
+                  method: Method = "fast", chat: bool = False, **kwargs: Any) -> EvalResult:
+    """Load the model (unless given one) and a JSONL file, evaluate, and write ``out_dir/summary.json`` and
+    ``out_dir/results.csv``. Extra keyword arguments go to :func:`evaluate`."""
+    examples = read_examples(data_path)  # before loading: a bad file should not wait for a large model
+    model = model_name_or_path_or_model
+    if not isinstance(model, TransformerBridge):
+        model = load_model(model, device=device, dtype=dtype)
+    out_dir = Path(out_dir)
+    partial = out_dir / "results.partial.csv"
+    try:
+        result = evaluate(model, examples, template=template, prompt_format=prompt_format, method=method,
+                          batch_size=batch_size, chat=chat, limit=limit, partial_path=partial, **kwargs)
+    except ContextLengthError as err:
+        index = next(i for i, ex in enumerate(examples) if ex is err.example)
+        with Path(data_path).open(encoding="utf-8") as f:
+            lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+        raise ContextLengthError(f"{data_path}:{lines[index]}: {err}", err.example) from None
+    result.summary["data"] = str(data_path)
+    result.save(out_dir)
+    partial.unlink(missing_ok=True)  # a stale partial file from an earlier failed run would mislead
+    return result
