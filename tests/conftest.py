@@ -6,6 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: one thread is faster than two fighting over a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
