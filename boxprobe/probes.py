@@ -1,0 +1,434 @@
+"""Layerwise linear probes trained for all layers (and all outputs) at once as one batched torch problem.
+
+Probes take arrays (numpy or torch), never models, and follow scikit-learn's estimator conventions.
+The objective is exactly scikit-learn's L2 ``LogisticRegression`` (lbfgs) objective, per layer::
+
+    sum_i s_i * loss_i / sum_i s_i  +  l2 / 2 * ||W||^2,     l2 = 1 / (C * sum_i s_i)
+
+with ``s_i`` the sample (class) weights, so ``s_i = 1`` gives ``l2 = 1 / (C * n_train)`` and the same ``C``
+means the same solution as ``LogisticRegression(C=C)``. Intercepts are not penalised. Binary targets use one
+logit (sklearn's binary parametrisation); three or more classes use the multinomial (softmax) loss.
+
+Why it is fast: every layer (and output) is one slice of a batched matmul; a batched L-BFGS gives each
+independent problem its own curvature history, line search and stopping test (``torch.optim.LBFGS`` on the
+summed loss couples them through one shared step and, in float32, stalls once the summed loss hides the
+small problems' progress); and the solver works in exactly re-parametrised coordinates (centred, whitened
+features; ``precondition``), which leave the objective and its optimum unchanged but cut iterations several-
+fold on anisotropic residual-stream features. ``tol`` is the max-abs gradient tolerance in those coordinates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Shaped
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils.validation import check_is_fitted
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray | torch.Tensor
+Features = Float[Array, "n_items n_layers d_model"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to_numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _check_X(X, n_layers: int | None = None) -> Array:
+    X = X if isinstance(X, torch.Tensor) else np.asarray(X)
+    if X.ndim != 3:
+        raise ValueError(f"X must be shaped [n_items, n_layers, d_model], got shape {tuple(X.shape)}; "
+                         "for a single layer pass X[:, None, :].")
+    if n_layers is not None and X.shape[1] != n_layers:
+        raise ValueError(f"X has {X.shape[1]} layers but the probe was fitted on {n_layers}.")
+    return X
+
+
+def _layer_block(X: Array, sl: slice, device, dtype) -> Float[torch.Tensor, "layer n_items d_model"]:
+    """Layers ``sl`` of X as a [layer, n_items, d_model] tensor on ``device`` (copies only that slice)."""
+    block = X[:, sl] if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X[:, sl]))
+    return block.to(device=device, dtype=dtype).transpose(0, 1).contiguous()
+
+
+class _Problem(NamedTuple):
+    """Targets of a batched logistic problem with K logits per layer; all tensors over [K, n_items]."""
+
+    targets: torch.Tensor  # one-hot [K, n] (softmax) or 0/1 [K, n] (sigmoid)
+    weights: torch.Tensor  # [1, n] (softmax) or [K, n]; normalised so each logit group sums to 1
+    l2: torch.Tensor  # [L, K, 1] penalty strength per layer (and output)
+    softmax: bool
+
+
+def _lbfgs(fg, x, tol: float, max_iter: int, history: int = 10, max_ls: int = 25):
+    """L-BFGS on P independent problems at once: ``fg(x [P, m]) -> (f [P], g [P, m])``.
+
+    Each problem keeps its own curvature pairs, Armijo backtracking step and stopping test (max |g| <= tol),
+    so one slow or ill-conditioned problem neither couples nor delays the others' convergence.
+    Returns (x, n_iter per problem).
+    """
+    f, g = fg(x)
+    P, m = x.shape
+    S, Yh = x.new_zeros(history, P, m), x.new_zeros(history, P, m)
+    rho = x.new_zeros(history, P)  # 0 marks an empty or rejected pair: a no-op in the two-loop recursion
+    gamma = (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)  # torch's first step: min(1, 1/|g|_1)
+    active = g.abs().amax(1) > tol
+    n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
+    for it in range(max_iter):
+        if not active.any():
+            break
+        q, alphas = g.clone(), []
+        slots = [(it - 1 - j) % history for j in range(min(it, history))]  # newest first
+        for j in slots:
+            a = rho[j] * (S[j] * q).sum(1)
+            q -= a[:, None] * Yh[j]
+            alphas.append(a)
+        q *= gamma[:, None]
+        for j, a in zip(reversed(slots), reversed(alphas)):
+            q += (a - rho[j] * (Yh[j] * q).sum(1))[:, None] * S[j]
+        d = torch.where(active[:, None], -q, 0)
+        gd = (g * d).sum(1)
+        uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
+        d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
+        gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
+        t = torch.ones(P, dtype=x.dtype, device=x.device)
+        for _ in range(max_ls):
+            f_new, g_new = fg(x + t[:, None] * d)
+            ok = ~active | (f_new <= f + 1e-4 * t * gd)
+            if ok.all():
+                break
+            t = torch.where(ok, t, 0.5 * t)
+        t = torch.where(ok, t, 0)  # no decrease found (precision floor): the problem stops where it is
+        if not ok.all():
+            f_new, g_new = fg(x + t[:, None] * d)
+        s, y = t[:, None] * d, g_new - g
+        sy, yy = (s * y).sum(1), (y * y).sum(1)
+        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
+        slot = it % history
+        S[slot], Yh[slot], rho[slot] = s, y, torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
+        gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
+        x, f, g = x + s, f_new, g_new
+        n_iter += active.long()
+        active = active & ok & (g.abs().amax(1) > tol)
+    return x, n_iter
+
+
+def _solve(Z, prob: _Problem, pen, solver: str, max_iter: int, tol: float, lr: float):
+    """Minimise the (preconditioned) penalised logistic loss of all layers (and outputs) at once.
+
+    Z: [L, n, d] features, pen: [L, 1, d] per-coordinate penalty factors.
+    Returns (Vt [L, K, d], b [L, K, 1], n_iter [L]). A problem is one layer (softmax) or one (layer, output).
+    """
+    L, n, d = Z.shape
+    K = prob.targets.shape[0]
+    Zt = Z.transpose(1, 2)
+    T, w, penalty = prob.targets, prob.weights, prob.l2 * pen
+    n_problems = L if prob.softmax else L * K
+
+    def fg(theta):  # theta [P, m] viewed as [L, K, d + 1]
+        theta = theta.view(L, K, d + 1)
+        Vt, b = theta[..., :d], theta[..., d:]
+        lg = torch.baddbmm(b, Vt, Zt)  # [L, K, n]
+        if prob.softmax:
+            lse = torch.logsumexp(lg, 1, keepdim=True)
+            loss = (w * (lse.squeeze(1) - (lg * T).sum(1))).sum(-1, keepdim=True)  # [L, 1]
+            G = (torch.exp(lg - lse) - T) * w
+        else:
+            loss = (w * (torch.nn.functional.softplus(lg) - T * lg)).sum(-1)  # [L, K]
+            G = (torch.sigmoid(lg) - T) * w
+        pV = penalty * Vt
+        pen_term = 0.5 * (pV * Vt).sum(-1)  # [L, K]
+        loss = loss + (pen_term.sum(-1, keepdim=True) if prob.softmax else pen_term)
+        grad = torch.cat([torch.bmm(G, Z).add_(pV), G.sum(2, keepdim=True)], -1)
+        return loss.reshape(n_problems), grad.reshape(n_problems, -1)
+
+    theta = torch.zeros(n_problems, K * (d + 1) if prob.softmax else d + 1, device=Z.device, dtype=Z.dtype)
+    with torch.no_grad():
+        if solver == "lbfgs":
+            theta, n_iter = _lbfgs(fg, theta, tol, max_iter)
+        elif solver == "adam":  # plain Adam (betas 0.9, 0.999), written out: torch.optim's first step costs ~1 s
+            m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+            n_iter = torch.zeros(n_problems, dtype=torch.long, device=Z.device)
+            for step in range(1, max_iter + 1):
+                g = fg(theta)[1]
+                active = g.abs().amax(1) > tol
+                if not active.any():
+                    break
+                n_iter += active.long()
+                m.mul_(0.9).add_(g, alpha=0.1)
+                v.mul_(0.999).addcmul_(g, g, value=0.001)
+                update = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt_() + 1e-8)
+                theta -= lr * torch.where(active[:, None], update, 0)
+        else:
+            raise ValueError(f"solver must be 'lbfgs' or 'adam', got {solver!r}.")
+        gmax = fg(theta)[1].abs().amax(1)
+    if (gmax > tol).any():
+        logger.warning("Probe solver (%s) left %d of %d problems above tol=%g (max gradient %.2g after %d iterations); "
+                       "raise max_iter, loosen tol, or regularise more (smaller C).",
+                       solver, int((gmax > tol).sum()), n_problems, tol, gmax.max().item(), int(n_iter.max()))
+    theta = theta.view(L, K, d + 1)
+    return theta[..., :d], theta[..., d:], n_iter.view(L, -1).amax(1)
+
+
+class _LayerwiseBase(BaseEstimator):
+    def __init__(self, C=1.0, l2=None, max_iter: int = 1000, tol: float = 1e-4, class_weight=None,
+                 solver: str = "lbfgs", standardize: bool = False, precondition: str = "auto", lr: float = 1e-2,
+                 device=None, dtype="float32", layer_batch: int | None = None):
+        self.C = C
+        self.l2 = l2
+        self.max_iter = max_iter
+        self.tol = tol
+        self.class_weight = class_weight
+        self.solver = solver
+        self.standardize = standardize
+        self.precondition = precondition
+        self.lr = lr
+        self.device = device
+        self.dtype = dtype
+        self.layer_batch = layer_batch
+
+    def _torch_setup(self):
+        dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype such as 'float32', got {self.dtype!r}.")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+        if self.precondition not in ("auto", "whiten", "diagonal", "none"):
+            raise ValueError(f"precondition must be 'auto', 'whiten', 'diagonal' or 'none', got {self.precondition!r}.")
+        return torch.device(self.device or default_device()), dtype
+
+    def _l2(self, n_layers: int, sw_sum: torch.Tensor) -> torch.Tensor:
+        """Penalty strength [L, K, 1] from C (or l2), scalar or per layer, and the weight sums [K] of each output."""
+        value = np.broadcast_to(np.asarray(self.C if self.l2 is None else self.l2, dtype=float), (n_layers,))
+        if (value <= 0).any() if self.l2 is None else (value < 0).any():
+            raise ValueError(f"C must be positive and l2 non-negative; got C={self.C!r}, l2={self.l2!r}.")
+        value = torch.as_tensor(value.copy(), dtype=sw_sum.dtype, device=sw_sum.device)[:, None, None]
+        if self.l2 is not None:
+            return value.expand(n_layers, sw_sum.shape[0], 1)
+        return 1.0 / (value * sw_sum.clamp_min(1e-12)[None, :, None])
+
+    def _fit_problem(self, X, prob_for_layers) -> None:
+        """Fit all layers, ``layer_batch`` at a time; ``prob_for_layers(sl)`` gives the _Problem of those layers."""
+        device, dtype = self._torch_setup()
+        n_layers = X.shape[1]
+        step = self.layer_batch or n_layers
+        coefs, intercepts, means, n_iters = [], [], [], []
+        for start in range(0, n_layers, step):
+            sl = slice(start, min(start + step, n_layers))
+            Xl = _layer_block(X, sl, device, dtype)
+            prob = prob_for_layers(sl)
+            mu = Xl.mean(1, keepdim=True)
+            sd = Xl.std(1, correction=0, keepdim=True) if self.standardize else torch.ones_like(mu)
+            sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+            Xl = (Xl - mu).div_(sd)
+            Z, B, pen, full = self._precondition(Xl, prob)
+            del Xl
+            Vt, b, n_iter = _solve(Z, prob, pen, self.solver, self.max_iter, self.tol, self.lr)
+            del Z
+            W = (Vt @ B.transpose(1, 2) if full else Vt * B) / sd  # [L, K, d] coefficients on raw features
+            coefs.append(_to_numpy(W).astype(np.float64))
+            means.append(_to_numpy(mu[:, 0]).astype(np.float64))
+            intercepts.append(_to_numpy(b[..., 0]).astype(np.float64))
+            n_iters.append(_to_numpy(n_iter))
+        self.coef_ = np.concatenate(coefs)
+        self.mean_ = np.concatenate(means)
+        # The solver's intercept is for centred features; the raw-feature intercept subtracts mean . coef.
+        self.intercept_ = np.concatenate(intercepts) - np.einsum("lkd,ld->lk", self.coef_, self.mean_)
+        self.n_iter_ = np.concatenate(n_iters)
+        self.n_features_in_ = X.shape[2]
+        self.n_layers_ = n_layers
+
+    def _precondition(self, Xl, prob: _Problem):
+        """Exact change of variables W = B V that makes the loss Hessian near-isotropic.
+
+        Returns (Z = Xl B, B, pen, full): B is [L, d, d] when ``full`` else a per-feature scale [L, 1, d].
+        """
+        L, n, d = Xl.shape
+        lam = prob.l2.amin(dim=(1, 2))[:, None].clamp_min(torch.finfo(Xl.dtype).eps)  # scales null directions
+        mode = self.precondition
+        if mode == "auto":  # whitening costs about d / (2K) loss evaluations: cheap unless d_model >> K
+            mode = "whiten" if d <= max(256, 25 * prob.targets.shape[0]) else "diagonal"
+        if mode == "whiten":
+            evals, U = torch.linalg.eigh(Xl.transpose(1, 2) @ Xl / n)
+            scale = (evals.clamp_min(0) + lam).rsqrt()
+            B = U * scale[:, None, :]
+            return Xl @ B, B, (scale * scale)[:, None, :], True
+        var = (Xl * Xl).mean(1) if mode == "diagonal" else torch.ones(L, d, device=Xl.device, dtype=Xl.dtype)
+        scale = (var + lam).rsqrt() if mode == "diagonal" else var
+        return Xl * scale[:, None, :], scale[:, None, :], (scale * scale)[:, None, :], False
+
+    def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers k"]:
+        """Logits [n_items, n_layers, K] on raw features (centred first, for float32 accuracy)."""
+        check_is_fitted(self, "coef_")
+        X = _check_X(X, self.n_layers_)
+        device, dtype = self._torch_setup()
+        b_centred = self.intercept_ + np.einsum("lkd,ld->lk", self.coef_, self.mean_)
+        step = self.layer_batch or self.n_layers_
+        out = []
+        for start in range(0, self.n_layers_, step):
+            sl = slice(start, min(start + step, self.n_layers_))
+            Xl = _layer_block(X, sl, device, dtype)
+            mu, W, b = (torch.as_tensor(a[sl], device=device, dtype=dtype) for a in (self.mean_, self.coef_, b_centred))
+            logits = torch.baddbmm(b[:, None, :], Xl - mu[:, None, :], W.transpose(1, 2))  # [L, n, K]
+            out.append(_to_numpy(logits.transpose(0, 1)).astype(np.float64))
+        return np.concatenate(out, axis=1)
+
+
+def _balanced(counts: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency class weights n / (n_classes * count) along the last dim (sklearn's 'balanced')."""
+    present = counts > 0
+    weight = counts.sum(-1, keepdim=True) / (present.sum(-1, keepdim=True) * counts.clamp_min(1))
+    return torch.where(present, weight, torch.zeros_like(counts))
+
+
+class LayerwiseLogisticProbe(_LayerwiseBase):
+    """Per-layer logistic regression (multinomial, or binary for two classes) on X [n_items, n_layers, d_model].
+
+    Parameters: ``C`` (float or one per layer; same meaning as sklearn's ``C``) or ``l2`` (penalty strength
+    directly, overrides C: ``l2 = 1 / (C * n_train)``), ``max_iter``, ``tol``, ``class_weight`` (None or
+    "balanced"), ``solver`` ("lbfgs" or "adam", with learning rate ``lr``), ``standardize`` (z-score each layer's
+    features with train mean/std; the penalty then acts on standardised coefficients, like a StandardScaler
+    pipeline), ``precondition`` ("auto", "whiten", "diagonal", "none": solver speed only), ``device`` (None =
+    cuda when available), ``dtype``, ``layer_batch`` (layers per batched problem, to bound memory; None = all).
+
+    Fitted: ``coef_`` [n_layers, K, d_model] (K = 1 for binary, as in sklearn, else n_classes), ``intercept_``
+    [n_layers, K], ``classes_``, ``mean_`` [n_layers, d_model], ``n_iter_`` [n_layers]. Coefficients always apply
+    to the raw features, whether or not ``standardize`` is set.
+    """
+
+    def fit(self, X: Features, y: Shaped[Array, "n_items"]) -> "LayerwiseLogisticProbe":
+        X = _check_X(X)
+        y = _to_numpy(y)
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y must be shaped [n_items]={X.shape[0]}, got {y.shape}.")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        n_classes = len(self.classes_)
+        if n_classes < 2:
+            raise ValueError(f"y has a single class {self.classes_!r}; a probe needs at least two.")
+        device, dtype = self._torch_setup()
+        y_t = torch.as_tensor(y_idx, device=device)
+        sw = torch.ones(len(y_idx), device=device, dtype=dtype)
+        if self.class_weight == "balanced":
+            sw = _balanced(torch.bincount(y_t, minlength=n_classes).to(dtype))[y_t]
+        weights = (sw / sw.sum())[None]
+        if n_classes == 2:  # sklearn's binary parametrisation: one logit for classes_[1]
+            targets = (y_t == 1).to(dtype)[None]
+        else:
+            targets = torch.nn.functional.one_hot(y_t, n_classes).to(dtype).T.contiguous()
+        sw_sum = sw.sum().expand(targets.shape[0])
+        self._fit_problem(X, lambda sl: _Problem(targets, weights, self._l2(X.shape[1], sw_sum)[sl], n_classes > 2))
+        return self
+
+    def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers *k"]:
+        """Logits [n_items, n_layers, n_classes], or [n_items, n_layers] for binary (as in sklearn)."""
+        logits = super().decision_function(X)
+        return logits[..., 0] if len(self.classes_) == 2 else logits
+
+    def predict_proba(self, X: Features) -> Float[np.ndarray, "n_items n_layers n_classes"]:
+        """Class probabilities [n_items, n_layers, n_classes]."""
+        logits = torch.as_tensor(self.decision_function(X))
+        if len(self.classes_) == 2:
+            return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], -1).numpy()
+        return torch.softmax(logits, -1).numpy()
+
+    def predict(self, X: Features) -> Shaped[np.ndarray, "n_items n_layers"]:
+        """Predicted class labels [n_items, n_layers]."""
+        logits = self.decision_function(X)
+        idx = (logits > 0).astype(int) if len(self.classes_) == 2 else logits.argmax(-1)
+        return self.classes_[idx]
+
+    def score(self, X: Features, y: Shaped[Array, "n_items"]) -> Float[np.ndarray, "n_layers"]:
+        """Accuracy per layer [n_layers]."""
+        return (self.predict(X) == _to_numpy(y)[:, None]).mean(0)
+
+
+class LayerwiseMultiLabelProbe(_LayerwiseBase):
+    """Independent binary logistic probes per (layer, output) on X [n_items, n_layers, d_model], Y [n_items, n_outputs].
+
+    Same parameters as :class:`LayerwiseLogisticProbe`. ``mask`` [n_items, n_outputs] says which (item, output)
+    cells count (e.g. objects mentioned in the context); each output's problem is sklearn's
+    ``LogisticRegression(C)`` fit on its masked items only (``l2 = 1 / (C * n_masked)``).
+    Fitted: ``coef_`` [n_layers, n_outputs, d_model], ``intercept_`` [n_layers, n_outputs], ``mean_``, ``n_iter_``.
+    """
+
+    def fit(
+        self, X: Features, Y: Shaped[Array, "n_items n_outputs"], mask: Bool[Array, "n_items n_outputs"] | None = None
+    ) -> "LayerwiseMultiLabelProbe":
+        X = _check_X(X)
+        device, dtype = self._torch_setup()
+        T = torch.as_tensor(_to_numpy(Y).astype(bool), device=device)
+        if T.ndim != 2 or T.shape[0] != X.shape[0]:
+            raise ValueError(f"Y must be shaped [n_items={X.shape[0]}, n_outputs], got {tuple(T.shape)}.")
+        M = torch.ones_like(T) if mask is None else torch.as_tensor(_to_numpy(mask).astype(bool), device=device)
+        if M.shape != T.shape:
+            raise ValueError(f"mask must have Y's shape {tuple(T.shape)}, got {tuple(M.shape)}.")
+        T, M = T.T.to(dtype), M.T.to(dtype)  # [O, n]
+        sw = M.clone()
+        if self.class_weight == "balanced":
+            per_class = _balanced(torch.stack([((1 - T) * M).sum(1), (T * M).sum(1)], 1))  # [O, 2]: neg, pos
+            sw = M * torch.where(T > 0, per_class[:, 1:], per_class[:, :1])
+        sw_sum = sw.sum(1)
+        empty = (sw_sum == 0).nonzero().flatten().tolist()
+        if empty:
+            logger.warning("Outputs %s have no masked training items; their probes stay at zero.", empty)
+        weights = sw / sw_sum.clamp_min(1e-12)[:, None]
+        self.n_outputs_ = T.shape[0]
+        self._fit_problem(X, lambda sl: _Problem(T, weights, self._l2(X.shape[1], sw_sum)[sl], False))
+        return self
+
+    def predict_proba(self, X: Features) -> Float[np.ndarray, "n_items n_layers n_outputs"]:
+        """Probability that each output is positive, [n_items, n_layers, n_outputs]."""
+        return torch.sigmoid(torch.as_tensor(self.decision_function(X))).numpy()
+
+    def predict(self, X: Features) -> Bool[np.ndarray, "n_items n_layers n_outputs"]:
+        """Boolean predictions [n_items, n_layers, n_outputs]."""
+        return self.decision_function(X) > 0
+
+    def score(
+        self, X: Features, Y: Shaped[Array, "n_items n_outputs"], mask: Bool[Array, "n_items n_outputs"] | None = None
+    ) -> Float[np.ndarray, "n_layers"]:
+        """Mean accuracy over (masked) cells, per layer [n_layers]."""
+        correct = self.predict(X) == _to_numpy(Y).astype(bool)[:, None, :]
+        M = np.ones_like(correct[:, 0]) if mask is None else _to_numpy(mask).astype(bool)
+        return (correct * M[:, None, :]).sum((0, 2)) / max(M.sum(), 1)
+
+
+class SelectedC(NamedTuple):
+    C: np.ndarray  # chosen C per layer [n_layers] (all equal when selected globally)
+    scores: pd.DataFrame  # columns C, layer, val_score
+    estimator: _LayerwiseBase  # fitted on the training split with the chosen C
+
+
+def select_C(
+    X_train, y_train, X_val, y_val, Cs: Sequence[float], *, estimator: _LayerwiseBase | None = None,
+    per_layer: bool = True, mask_train=None, mask_val=None,
+) -> SelectedC:
+    """Choose C on a validation split (never the test split), per layer or one C for all layers.
+
+    ``estimator`` defaults to ``LayerwiseLogisticProbe()``; pass a ``LayerwiseMultiLabelProbe`` (with masks)
+    for multi-label targets. Ties go to the smallest C (the strongest regularisation).
+    """
+    base = estimator if estimator is not None else LayerwiseLogisticProbe()
+    Cs = sorted(float(c) for c in Cs)
+    fit_kw = {} if mask_train is None else {"mask": mask_train}
+    score_kw = {} if mask_val is None else {"mask": mask_val}
+    rows = []
+    for C in Cs:
+        val = clone(base).set_params(C=C, l2=None).fit(X_train, y_train, **fit_kw).score(X_val, y_val, **score_kw)
+        rows += [{"C": C, "layer": layer, "val_score": s} for layer, s in enumerate(val)]
+    scores = pd.DataFrame(rows)
+    table = scores.pivot(index="C", columns="layer", values="val_score").loc[Cs]  # [n_Cs, n_layers]
+    if per_layer:
+        best = np.asarray(Cs)[table.to_numpy().argmax(0)]
+    else:
+        best = np.full(table.shape[1], Cs[int(table.to_numpy().mean(1).argmax())])
+    fitted = clone(base).set_params(C=best, l2=None).fit(X_train, y_train, **fit_kw)
+    return SelectedC(best, scores, fitted)
