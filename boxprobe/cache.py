@@ -1,0 +1,465 @@
+"""Activation caches: chosen hooks at chosen token roles, written to disk in resumable shards.
+
+Forward hooks copy out only the rows of the requested positions (``positions.ROLES``), so no
+all-position cache ever exists: memory is bounded by one batch's selected rows on the device and
+one shard on the host. Shard ``k`` holds queries ``[k*shard_size, (k+1)*shard_size)`` in two files
+written atomically: ``shard-0000k.safetensors`` (a tensor ``"{group}/{role}"`` per hook group and
+role, ``[rows, n_layers, *activation]``) and ``shard-0000k.jsonl`` (one metadata row per activation
+row). ``manifest.json`` records the request: a rerun resumes, and a different request is refused.
+
+Groups: ``blocks.{l}.hook_resid_post`` over ``l`` is ``resid_post``, rows ``[n, n_layers, d_model]``;
+``attn.hook_z`` keeps its heads, ``[n, n_layers, n_heads, d_head]``; ``hook_embed`` has one layer, -1.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+import boxprobe
+from boxprobe.config import ConfigError, check_choice, from_dict
+from boxprobe.positions import LABEL_RE, ROLES, batch_position_table, label_box, parse_description
+from boxprobe.prompts import FORMATS, Query
+from boxprobe.task import Operation, State, apply_operation
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Manifest fields that must agree before a directory's shards are reused.
+COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
+            "queries_sha256", "n_queries", "prompt_format", "template", "shard_size")
+_NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache directory was made for another model, dataset or setting."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What ``build_cache`` keeps and how it writes it."""
+
+    hooks: tuple[str, ...] = ("resid_post",)
+    """Hook names: explicit (``blocks.3.hook_resid_post``), a pattern over layers (``blocks.*.hook_resid_post``)
+    or a shorthand over every layer (``resid_post``, ``resid_pre``, ``attn_out``, ``mlp_out``, ``attn.hook_z``)."""
+    roles: tuple[str, ...] = ("query_last",)
+    """Token roles whose rows are kept (see ``boxprobe.positions.ROLES``)."""
+    dtype: str = "float32"
+    """Storage dtype: float32, bfloat16 or float16 (activations are cast after the forward pass)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    shard_size: int = 1024
+    """Queries per shard; the unit of resumption (a killed run loses at most one shard)."""
+    template: str = "default"
+    """Name of the prompt template the queries were built with (recorded and checked on resume)."""
+    prompt_format: str = "per-box"
+    """Prompt format of the queries: per-box or all-boxes."""
+
+    def __post_init__(self) -> None:
+        for name in ("hooks", "roles"):  # a bare string means one name, not its characters
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if re.search(r"int8|float8|fp8|8.?bit", str(self.dtype).lower()):
+            raise ConfigError(f"dtype {self.dtype!r}: 8-bit activation caches are not offered, because quantising "
+                              "activations to 8 bits is known to ruin linear probes; use float32, bfloat16 or float16.")
+        check_choice("dtype", self.dtype, STORE_DTYPES)
+        check_choice("prompt_format", self.prompt_format, FORMATS)
+        for role in self.roles:
+            check_choice("role", role, ROLES)
+        if not self.hooks or not self.roles:
+            raise ConfigError("CacheConfig needs at least one hook and one role.")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError(f"batch_size and shard_size must be >= 1, got {self.batch_size} and {self.shard_size}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheConfig":
+        return from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class HookGroup:
+    """Hooks stacked along one layer axis of a cached tensor."""
+
+    name: str
+    """Group key, e.g. ``resid_post`` or ``attn.z``."""
+    hooks: tuple[str, ...]
+    layers: tuple[int, ...]
+    """Block index of each hook (-1 for hooks outside the blocks)."""
+
+
+def _split_name(name: str) -> tuple[str, int]:
+    m = re.fullmatch(r"blocks\.(\d+|\*)\.(.+)", name)
+    rest, layer = (m.group(2), -1 if m.group(1) == "*" else int(m.group(1))) if m else (name, -1)
+    return re.sub(r"(^|\.)hook_", r"\1", rest), layer
+
+
+def resolve_hooks(model, patterns: Sequence[str]) -> list[HookGroup]:
+    """Expand hook patterns and shorthands against ``model.hook_dict`` and group them by kind."""
+    names, n_layers = model.hook_dict, int(model.cfg.n_layers)
+    found: dict[str, None] = {}
+    for pattern in patterns:
+        head, _, last = pattern.rpartition(".")
+        hooked = (head + "." if head else "") + ("" if last.startswith("hook_") else "hook_") + last
+        stems = dict.fromkeys([pattern, hooked])  # "resid_post" -> "hook_resid_post", "attn.z" -> "attn.hook_z"
+        if "*" in pattern:
+            expanded = [pattern.replace("*", str(layer)) for layer in range(n_layers)]
+        else:
+            expanded = next(([s] if s in names else [f"blocks.{l}.{s}" for l in range(n_layers)]
+                             for s in stems if s in names or f"blocks.0.{s}" in names), [])
+        missing = [e for e in expanded if e not in names] or ([] if expanded else [pattern])
+        if missing:
+            close = difflib.get_close_matches(_split_name(pattern)[0], sorted({_split_name(n)[0] for n in names}), 5)
+            raise ConfigError(f"Hook {pattern!r} does not exist in model {model.cfg.model_name!r} ({missing[0]!r} "
+                              f"missing). Use e.g. resid_post, attn_out, mlp_out, attn.hook_z"
+                              + (f"; similar: {', '.join(close)}" if close else "") + ".")
+        if any(e.endswith(_NOT_A_ROW) for e in expanded):
+            raise ConfigError(f"Hook {pattern!r} holds [head, query, key] scores whose key length varies by prompt; "
+                              "it cannot be cached per position. Use run_with_cache on a few prompts instead.")
+        found.update(dict.fromkeys(expanded))
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in found:
+        key, layer = _split_name(name)
+        groups.setdefault(key, []).append((layer, name))
+    return [HookGroup(k, tuple(n for _, n in sorted(v)), tuple(l for l, _ in sorted(v))) for k, v in groups.items()]
+
+
+# -- labels -------------------------------------------------------------------------------------
+
+
+def states_from_context(context: str) -> list[State]:
+    """Every state a description passes through: the initial state, then one after each operation.
+
+    Parses the text (``positions.parse_description``) and replays its operations with
+    ``task.apply_operation``, so it works for any file in the boxes phrasings.
+    """
+    mentions = parse_description(context)
+    boxes = [m.box for m in mentions if m.kind == "box" and m.op_index == -1]
+    states: list[State] = [tuple(tuple(sorted(m.object for m in mentions if m.kind == "object" and m.op_index == -1
+                                              and m.box == b)) for b in range(len(boxes)))]
+    n_ops = 1 + max((m.op_index for m in mentions), default=-1)
+    for i in range(n_ops):
+        named = {m.mention: m.box for m in mentions if m.kind == "box" and m.op_index == i}
+        objects = tuple(sorted(m.object for m in mentions if m.kind == "object" and m.op_index == i))
+        if "move_src" in named:
+            src = named["move_src"]
+            op = Operation("move", objects or states[-1][src], src, named["move_dest"], all_contents=not objects)
+        else:
+            kind = next(k for k in ("remove", "put") if k in named)
+            op = Operation(kind, objects, named[kind])
+        states.append(apply_operation(states[-1], op))
+    return states
+
+
+@lru_cache(maxsize=4096)
+def _context_facts(context: str) -> tuple[tuple[State, ...], tuple[str, ...]]:
+    # Per-box queries share each description between all boxes: parse it once.
+    mentioned = dict.fromkeys(m.object for m in parse_description(context) if m.kind == "object")
+    return tuple(states_from_context(context)), tuple(mentioned)
+
+
+def query_labels(query: Query) -> dict:
+    """Probe labels of a query: queried box, its gold contents, the full state, mentioned objects and
+    the queried box's contents 1..3 operations earlier (None before the description starts)."""
+    ex = query.examples[0]
+    states, mentioned = _context_facts(ex.context)
+    box = ex.box if ex.box is not None else label_box(LABEL_RE.search(ex.statement_prefix))
+    state = states[-1]
+    gold = sorted(re.findall(r"\bthe (\w+)", ex.gold))
+    if gold != list(state[box]):
+        raise ValueError(f"sample_id {ex.sample_id}: the gold answer {ex.gold!r} of box {box} disagrees with the state "
+                         f"replayed from its description ({list(state[box])}); the data file is inconsistent.")
+    row = {"sample_id": ex.sample_id, "query_box": box, "numops": ex.numops,
+           "num_operations": ex.num_operations if ex.num_operations is not None else len(states) - 1,
+           "gold": gold, "state": [list(b) for b in state], "mentioned": list(mentioned)}
+    for k in (1, 2, 3):
+        row[f"prior_{k}"] = list(states[-1 - k][box]) if len(states) > k else None
+    return row
+
+
+def queries_sha256(queries: Sequence[Query]) -> str:
+    """A hash of everything that determines the prompts and labels of ``queries``."""
+    h = hashlib.sha256()
+    for q in queries:
+        h.update(json.dumps([q.prompt, q.continuation, q.prompt_format, [e.to_json() for e in q.examples]]).encode())
+    return h.hexdigest()
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
+            shape: tuple[int, int], name: str) -> torch.Tensor:
+    if act.dim() < 2 or tuple(act.shape[:2]) != shape:
+        raise ValueError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
+                         "it cannot be cached per position. Pick a hook on the residual stream or per-head outputs.")
+    return act[batch_idx, pos_idx]
+
+
+def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
+                 batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
+                 groups: Sequence[HookGroup], dtype: torch.dtype) -> dict[str, Float[torch.Tensor, "rows layer ..."]]:
+    """One forward pass keeping rows ``(batch_idx, pos_idx)`` of every hook, per group on the host.
+
+    The pass stops once every hook has fired, so layers (and the unembedding) past the last
+    requested hook are skipped. Hooks live only inside ``run_with_hooks`` and are removed on error.
+    """
+    buffers: dict[str, torch.Tensor] = {}
+    fired: set[str] = set()
+    total = sum(len(g.hooks) for g in groups)
+
+    def make_hook(group: HookGroup, slot: int):
+        def hook(act: torch.Tensor, hook) -> None:
+            rows = _gather(act, batch_idx, pos_idx, tuple(tokens.shape), group.hooks[slot])
+            if group.name not in buffers:
+                buffers[group.name] = rows.new_empty((rows.shape[0], len(group.hooks), *rows.shape[1:]), dtype=dtype)
+            buffers[group.name][:, slot] = rows
+            fired.add(group.hooks[slot])
+            if len(fired) == total:
+                raise StopAtLayerException(None)  # caught by the bridge's forward: skip the rest of the model
+        return hook
+
+    fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
+    with torch.inference_mode():
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask, return_type=None)
+    if len(fired) != total:
+        never = sorted({n for g in groups for n in g.hooks} - fired)
+        raise RuntimeError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
+                           "they may need enabling (e.g. model.set_use_attn_result(True)).")
+    return {name: buf.cpu() for name, buf in buffers.items()}
+
+
+def _batch(tokenizer, queries: Sequence[Query], start: int, roles: Sequence[str]):
+    """Padded ids, mask, selected (item, position) pairs and their metadata rows for one batch."""
+    enc = tokenizer([q.prompt for q in queries], padding=True, padding_side="left", return_tensors="pt")
+    table = batch_position_table(queries, tokenizer, padding_side="left")
+    table = table[table["role"].isin(roles)]
+    table = table.iloc[table["role"].map({r: i for i, r in enumerate(roles)}).argsort(kind="stable")]
+    items, pos = torch.tensor(table["item"].to_numpy()), torch.tensor(table["padded_index"].to_numpy())
+    if len(table) and not bool(enc["attention_mask"][items, pos].all()):
+        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: token positions fall on padding; the "
+                         "tokenizer's padded ids disagree with its offset mappings.")
+    labels = pd.DataFrame([query_labels(q) for q in queries]).iloc[table["item"].to_numpy()].reset_index(drop=True)
+    table = table.drop(columns=["char_start", "char_end", "padded_index"]).reset_index(drop=True)
+    table.insert(1, "query_index", table.pop("item") + start)
+    return enc["input_ids"], enc["attention_mask"], items, pos, pd.concat([table, labels], axis=1)
+
+
+def _manifest_request(model, queries: Sequence[Query], cfg: CacheConfig, groups, data_hash: str | None) -> dict:
+    info = getattr(model, "boxprobe_info", None)
+    q_hash = queries_sha256(queries)
+    return {
+        "model": info.path_or_id if info else str(model.cfg.model_name),
+        "model_name": info.name if info else str(model.cfg.model_name),
+        "revision": info.revision if info else None,
+        "weight_mode": info.weight_mode if info else ("compatibility" if model.compatibility_mode else "raw"),
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": cfg.dtype, "hooks": [h for g in groups for h in g.hooks], "roles": list(cfg.roles),
+        "groups": {g.name: {"hooks": list(g.hooks), "layers": list(g.layers)} for g in groups},
+        "data_sha256": data_hash or q_hash, "queries_sha256": q_hash, "n_queries": len(queries),
+        "prompt_format": cfg.prompt_format, "template": cfg.template, "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size, "boxprobe_version": boxprobe.__version__,
+    }
+
+
+def _shard_paths(directory: Path, k: int) -> tuple[Path, Path]:
+    return directory / f"shard-{k:05d}.safetensors", directory / f"shard-{k:05d}.jsonl"
+
+
+def _complete_shards(directory: Path) -> set[int]:
+    """Shards with both files; drops tmp files and lone metadata files left by a killed run."""
+    for tmp in directory.glob("shard-*.tmp"):
+        tmp.unlink()
+    for meta in directory.glob("shard-*.jsonl"):
+        if not meta.with_suffix(".safetensors").exists():
+            meta.unlink()  # the safetensors file is renamed last, so this shard never finished
+    return {int(p.stem.split("-")[1]) for p in directory.glob("shard-*.jsonl")}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a data file, for ``build_cache(data_hash=...)``."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_cache(model, queries: Sequence[Query], out_dir: str | Path, cfg: CacheConfig, data_hash: str | None = None,
+                progress: bool = True, on_batch: Callable[[int, int], None] | None = None,
+                on_shard: Callable[[int], None] | None = None) -> "CacheReader":
+    """Cache ``cfg.hooks`` at ``cfg.roles`` over ``queries`` into ``out_dir``, resuming a previous run there.
+
+    ``data_hash`` is the sha256 of the data file the queries came from (default: a hash of the
+    queries). ``on_batch(shard, batch)`` runs after each forward pass and ``on_shard(shard)`` after
+    each shard is written. Raises ``CacheMismatchError`` if ``out_dir`` holds another cache.
+    """
+    out = Path(out_dir)
+    if queries and any(q.prompt_format != cfg.prompt_format for q in queries):
+        raise ConfigError(f"CacheConfig.prompt_format is {cfg.prompt_format!r} but the queries are "
+                          f"{queries[0].prompt_format!r}; build them with the same format.")
+    groups = resolve_hooks(model, cfg.hooks)
+    request = _manifest_request(model, queries, cfg, groups, data_hash)
+    path, tok = out / MANIFEST, model.tokenizer
+    if tok is None or tok.pad_token_id is None:
+        raise ValueError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
+                         "load it with boxprobe.models.load_model, which sets one.")
+    if path.exists():
+        old = json.loads(path.read_text())
+        if diff := [k for k in COMPARED if old.get(k) != request[k]]:
+            details = "; ".join(f"{k}: cached {old.get(k)!r}, requested {request[k]!r}" for k in diff)
+            raise CacheMismatchError(f"{path} was written for another request ({details}). Pick another "
+                                     "directory, or delete this one to rebuild it; shards are never mixed.")
+    elif out.exists() and any(out.glob("shard-*")):
+        raise CacheMismatchError(f"{out} holds shard files but no {MANIFEST}; delete them or pick another directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    done, n, size = _complete_shards(out), len(queries), cfg.shard_size
+    n_shards = -(-n // size)
+
+    def save_manifest() -> None:
+        finished = sorted(k for k in done if k < n_shards)
+        items = sum(min(n, (k + 1) * size) - k * size for k in finished)
+        status = {"n_items": items, "completed_shards": finished, "complete": len(finished) == n_shards}
+        path.with_name(MANIFEST + ".tmp").write_text(json.dumps({**request, **status}, indent=1))
+        os.replace(path.with_name(MANIFEST + ".tmp"), path)
+
+    save_manifest()
+    store, device = STORE_DTYPES[cfg.dtype], next(model.parameters()).device
+    jobs = [(k, b, s, min(s + cfg.batch_size, n, (k + 1) * size)) for k in range(n_shards) if k not in done
+            for b, s in enumerate(range(k * size, min(n, (k + 1) * size), cfg.batch_size))]
+    bar = tqdm(total=n, initial=n - sum(e - s for _, _, s, e in jobs), unit="item", desc="caching",
+               disable=not progress)
+    parts: dict[str, list[torch.Tensor]] = {}
+    tables: list[pd.DataFrame] = []
+    # A worker thread tokenizes and locates positions of the next batch while the model runs.
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        prep = lambda j: pool.submit(_batch, tok, queries[jobs[j][2]:jobs[j][3]], jobs[j][2], cfg.roles)
+        pending = prep(0) if jobs else None
+        for j, (k, b, start, end) in enumerate(jobs):
+            tokens, mask, items, pos, table = pending.result()
+            pending = prep(j + 1) if j + 1 < len(jobs) else None
+            acts = run_selected(model, tokens.to(device), mask.to(device), items.to(device), pos.to(device),
+                                groups, store)
+            for role in cfg.roles:
+                keep = torch.tensor((table["role"] == role).to_numpy())
+                for g, a in acts.items():
+                    parts.setdefault(f"{g}/{role}", []).append(a[keep])
+            tables.append(table)
+            bar.update(end - start)
+            if on_batch is not None:
+                on_batch(k, b)
+            if j + 1 == len(jobs) or jobs[j + 1][0] != k:
+                _write_shard(out, k, parts, pd.concat(tables, ignore_index=True))
+                parts, tables = {}, []
+                done.add(k)
+                save_manifest()
+                if on_shard is not None:
+                    on_shard(k)
+    return open_cache(out)
+
+
+def _write_shard(out: Path, k: int, parts: dict[str, list[torch.Tensor]], meta: pd.DataFrame) -> None:
+    tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+    if any(t.dtype == torch.float16 and bool(torch.isinf(t).any()) for t in tensors.values()):
+        logger.warning("shard %d: activations overflow float16 (inf); cache as bfloat16 or float32 instead.", k)
+    meta.insert(1, "shard", k)
+    meta.insert(2, "row", meta.groupby("role").cumcount())
+    st_path, meta_path = _shard_paths(out, k)
+    meta.to_json(meta_path.with_name(meta_path.name + ".tmp"), orient="records", lines=True)
+    save_file(tensors, str(st_path) + ".tmp", metadata={"shard": str(k)})
+    os.replace(meta_path.with_name(meta_path.name + ".tmp"), meta_path)
+    os.replace(str(st_path) + ".tmp", st_path)  # last: a shard counts as complete once this file exists
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+class CacheReader:
+    """Lazy access to a cache directory: tensors are read per shard, and only those asked for."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
+        self.manifest: dict = json.loads(path.read_text())
+        self.shards = [k for k in self.manifest["completed_shards"] if _shard_paths(self.directory, k)[0].exists()]
+        self.groups = {name: HookGroup(name, tuple(g["hooks"]), tuple(g["layers"]))
+                       for name, g in self.manifest["groups"].items()}
+        self.roles: tuple[str, ...] = tuple(self.manifest["roles"])
+        if not self.complete:
+            logger.warning("cache %s is incomplete: %d of %d queries", self.directory, self.manifest["n_items"],
+                           self.manifest["n_queries"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def _key(self, hook: str, role: str) -> tuple[str, int | None]:
+        if not self.shards:
+            raise ValueError(f"Cache {self.directory} has no complete shard yet; run build_cache to fill it.")
+        key, layer = _split_name(hook)
+        if key not in self.groups:
+            raise KeyError(f"Hook {hook!r} is not in cache {self.directory}; cached: {', '.join(self.groups)}.")
+        if role not in self.roles:
+            raise KeyError(f"Role {role!r} is not in cache {self.directory}; cached: {', '.join(self.roles)}.")
+        explicit = re.fullmatch(r"blocks\.\d+\..+", hook) is not None
+        if explicit and layer not in self.groups[key].layers:
+            raise KeyError(f"Layer {layer} of {key!r} is not in cache {self.directory}; "
+                           f"layers: {self.groups[key].layers}.")
+        return key, self.groups[key].layers.index(layer) if explicit else None
+
+    def layers(self, hook: str) -> tuple[int, ...]:
+        return self.groups[self._key(hook, self.roles[0])[0]].layers
+
+    def _read(self, k: int, key: str, role: str, slot: int | None) -> torch.Tensor:
+        with safe_open(_shard_paths(self.directory, k)[0], framework="pt") as f:
+            return f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot:slot + 1]
+
+    def _meta(self, k: int, role: str) -> pd.DataFrame:
+        with _shard_paths(self.directory, k)[1].open() as f:
+            df = pd.DataFrame([r for r in map(json.loads, f) if r["role"] == role])
+        return df.astype({c: "Int64" for c in ("box", "op_index") if c in df})
+
+    def iter_shards(self, hook: str, role: str) -> Iterator[tuple[torch.Tensor, pd.DataFrame]]:
+        """(activations ``[rows, n_layers, ...]``, metadata rows) of each shard in order."""
+        key, slot, offset = *self._key(hook, role), 0
+        for k in self.shards:
+            meta = self._meta(k, role)
+            meta.insert(0, "item", range(offset, offset + len(meta)))
+            offset += len(meta)
+            yield self._read(k, key, role, slot), meta
+
+    def activations(self, hook: str, role: str) -> Float[torch.Tensor, "item layer ..."]:
+        """All rows of one hook group (or one explicit layer) at one role, in metadata order."""
+        key, slot = self._key(hook, role)
+        return torch.cat([self._read(k, key, role, slot) for k in self.shards])
+
+    def metadata(self, role: str) -> pd.DataFrame:
+        """Metadata rows of ``role``; ``item`` is the row index into ``activations(..., role)``."""
+        self._key(next(iter(self.groups)), role)
+        df = pd.concat([self._meta(k, role) for k in self.shards], ignore_index=True)
+        df.insert(0, "item", range(len(df)))
+        return df
+
+
+def open_cache(directory: str | Path) -> CacheReader:
+    """A reader over a cache directory written by ``build_cache``."""
+    return CacheReader(directory)
