@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal, Sequence
 
 import numpy as np
@@ -148,7 +149,7 @@ def _sample_id(query: Query):
     return query.examples[0].sample_id if query.examples else None
 
 
-def _table(query: Query, offsets: np.ndarray, special: np.ndarray) -> pd.DataFrame:
+def _rows(query: Query, offsets: np.ndarray, special: np.ndarray) -> list[tuple]:
     prompt, sid = query.prompt, _sample_id(query)
     starts, ends = offsets[:, 0], offsets[:, 1]
     real = ~special & (ends > starts)  # special tokens and BOS carry empty spans
@@ -193,7 +194,7 @@ def _table(query: Query, offsets: np.ndarray, special: np.ndarray) -> pd.DataFra
     if base < 0:
         raise missing("box_mention", f"test description {context[:60]!r}... not found in the prompt")
     try:
-        mentions = parse_description(context)
+        mentions = _parsed(context)
     except PositionError as err:
         raise PositionError(f"Prompt of sample_id {sid}: {err}") from None
     for m in mentions:
@@ -206,7 +207,17 @@ def _table(query: Query, offsets: np.ndarray, special: np.ndarray) -> pd.DataFra
             add("object_last", int(hit[-1]), s, e, m.box, m.object, m.op_index, m.mention)
         else:
             add(m.kind, covering(s, m.kind), s, e, None, None, m.op_index)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    return rows
+
+
+@lru_cache(maxsize=4096)
+def _parsed(context: str) -> tuple[Mention, ...]:
+    # The queries of one context share its description: parse it once.
+    return tuple(parse_description(context))
+
+
+def _frame(rows: list[tuple], columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=list(columns))
     table["token_index"] = table["token_index"].astype("int64")
     table["box"] = table["box"].astype("Int64")
     table["op_index"] = table["op_index"].astype("Int64")
@@ -222,7 +233,7 @@ def position_table(query: Query, tokenizer) -> pd.DataFrame:
     label's last character (the digit or letter), objects to their first and last overlapping token.
     """
     (_, offsets, special), = _encode(tokenizer, [query.prompt])
-    return _table(query, offsets, special)
+    return _frame(_rows(query, offsets, special))
 
 
 def batch_position_table(queries: Sequence[Query], tokenizer, padding_side: str = "left") -> pd.DataFrame:
@@ -231,16 +242,16 @@ def batch_position_table(queries: Sequence[Query], tokenizer, padding_side: str 
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     encoded = _encode(tokenizer, [q.prompt for q in queries])
     width = max((len(ids) for ids, _, _ in encoded), default=0)
-    tables = []
+    rows, items, shifts = [], [], []
     for item, (query, (ids, offsets, special)) in enumerate(zip(queries, encoded)):
-        table = _table(query, offsets, special)
-        table.insert(0, "item", item)
-        shift = width - len(ids) if padding_side == "left" else 0
-        table["padded_index"] = table["token_index"] + shift
-        tables.append(table)
-    if not tables:
-        return pd.DataFrame(columns=["item", *COLUMNS, "padded_index"])
-    return pd.concat(tables, ignore_index=True)
+        query_rows = _rows(query, offsets, special)
+        rows += query_rows
+        items += [item] * len(query_rows)
+        shifts += [width - len(ids) if padding_side == "left" else 0] * len(query_rows)
+    table = _frame(rows)  # one frame for the batch: building one per query dominated caching time
+    table.insert(0, "item", np.asarray(items, dtype=np.int64))
+    table["padded_index"] = table["token_index"] + np.asarray(shifts, dtype=np.int64)
+    return table
 
 
 def positions_of(table: pd.DataFrame, role: str, **filters) -> pd.DataFrame:
