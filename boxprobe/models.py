@@ -247,8 +247,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     compatibility_mode: bool = False,
     revision: str | None = None,
+    random_init: bool = False,
+    seed: int = 0,
 ) -> TransformerBridge:
     """Load a registry name, Hugging Face id or local checkpoint directory as a TransformerBridge.
+
+    With ``random_init=True`` the architecture, config and tokenizer are the checkpoint's but the
+    weights are freshly initialised (seeded): the random-init baseline of probing studies. Its
+    name and revision say so, so caches of the two never mix.
 
     Args:
         name_or_path: e.g. "CodeLlama-7b", "codellama/CodeLlama-7b-hf" or "runs/ckpt".
@@ -283,9 +289,16 @@ def load_model(
                 "a checkpoint directory"
             )
     logger.info("loading %s from %s on %s as %s", name, target, device_str, torch_dtype)
+    hf_model = None
+    if random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target, revision=revision))
+        hf_model.to(device=device_str, dtype=torch_dtype)
     try:
         model = TransformerBridge.boot_transformers(
-            target, device=device_str, dtype=torch_dtype, revision=revision
+            target, device=device_str, dtype=torch_dtype, revision=revision, hf_model=hf_model
         )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         raise ModelLoadError(
@@ -299,6 +312,8 @@ def load_model(
     if source == "hub":
         rev = getattr(model.original_model.config, "_commit_hash", None) or rev
     prompt_format = metadata.get("prompt_format")
+    if random_init:
+        name, rev = f"{name} (random init, seed {seed})", f"random-init-{seed}-of-{rev}"
     model.boxprobe_info = ModelInfo(
         name=name,
         source=source,

@@ -306,3 +306,18 @@ def test_resolve_model_name_and_frame():
     assert frame.accuracy.between(0, 1).all()
     assert frame.source.str.contains("2405.21068").all()
 
+
+
+def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(tiny_llama_dir):
+    from boxprobe.models import compare_models, load_model, model_info
+
+    trained = load_model(tiny_llama_dir)
+    fresh = load_model(tiny_llama_dir, random_init=True, seed=1)
+    again = load_model(tiny_llama_dir, random_init=True, seed=1)
+    assert compare_models(trained, fresh) == []
+    tokens = trained.to_tokens("Box 0 contains the apple")
+    with torch.inference_mode():
+        a, b, c = trained(tokens), fresh(tokens), again(tokens)
+    assert not torch.allclose(a, b, atol=1e-3)
+    torch.testing.assert_close(b, c)
+    assert "random init" in model_info(fresh).name and model_info(fresh).revision != model_info(trained).revision
