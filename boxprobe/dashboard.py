@@ -205,28 +205,29 @@ def _behaviour(df):
 
 def _probe_accuracy(df):
     out = []
-    for key, d in _split(df, ["metric"]):
-        metric = key[0] if key and pd.notna(key[0]) else "accuracy"
-        out.append((plots.probe_accuracy_by_layer(d), (
-            f"Probe {metric} on the residual stream by layer. Solid: task probe; dashed/dotted: "
+    for key, d in _split(df, ["probe", "metric"]):
+        what = " ".join(str(k) for k in key if pd.notna(k)) or "accuracy"
+        out.append((plots.probe_accuracy_by_layer(d, title=f"Probe: {what}"), (
+            f"Probe ({what}) accuracy on the residual stream by layer. Solid: task probe; dashed/dotted: "
             "control task, random-init model and majority baselines; bands are intervals.")))
     return out
 
 
 def _probe_heatmap(df):
-    return [(plots.probe_heatmap(d), f"{k[0]}: probe accuracy by layer (x) and number of "
-             "operations on the queried box (y).") for k, d in _split(df, ["model"])]
+    return [(plots.probe_heatmap(d), f"{', '.join(map(str, k))}: probe accuracy by layer (x) and number of "
+             "operations on the queried box (y).") for k, d in _split(df, ["model", "probe"])]
 
 
 def _selectivity(df):
-    return [(plots.selectivity_by_layer(df), "Selectivity: task-probe accuracy minus control-"
-             "task accuracy by layer; above zero the probe reads the task, not just memorises.")]
+    return [(plots.selectivity_by_layer(d), f"Selectivity ({', '.join(map(str, k)) or 'probe'}): task-probe "
+             "accuracy minus control-task accuracy by layer; above zero the probe reads the task, not just "
+             "memorises.") for k, d in _split(df, ["probe"])]
 
 
 def _difference(df):
     out = []
-    for key, d in _split(df, ["model_a", "model_b"]):
-        label = f"{key[0]} − {key[1]}" if len(key) == 2 else "model A − model B"
+    for key, d in _split(df, ["probe", "model_a", "model_b"]):
+        label = f"{key[-2]} − {key[-1]}" if len(key) >= 2 else "model A − model B"
         out.append((plots.model_difference(d), f"Probe accuracy difference {label} by layer "
                     "with a shaded 95% interval; the line at zero means no difference."))
     return out

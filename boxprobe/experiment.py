@@ -1,0 +1,312 @@
+"""Probe experiments: how do models represent box states, layer by layer?
+
+A :class:`ProbeExperiment` wires the stages — load each model, build prompts, cache activations at
+semantic positions, fit layer-wise probes on a split by ``sample_id`` (hyperparameters chosen on
+validation, never test), score them against controls, compare models — and writes tidy CSVs in
+the dashboard's run layout::
+
+    from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+    cfg = ProbeExperimentConfig(models=("assets/models/toy-base", "assets/models/toy-code"),
+                                data="data/boxes/test-subsample.jsonl", out_dir="runs/probes")
+    run = ProbeExperiment(cfg).run()
+    fig = run.plot_probe_accuracy()
+
+Probe targets (``targets``):
+
+- ``contents``: at the query's last token, for every object, is it in the queried box? Reported as
+  exact-set, full (all objects) and non-trivial (objects mentioned in the context) accuracy.
+- ``global_state``: at the query's last token, which box (or none) holds each mentioned object.
+- ``prior_1`` .. ``prior_3``: the queried box's contents 1..3 operations earlier.
+- ``incremental``: at each operation's box-label token, the contents of that box after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from boxprobe import plots
+from boxprobe.cache import CacheConfig, build_cache, file_sha256, states_from_context
+from boxprobe.config import check_choice, from_dict
+from boxprobe.models import load_model, model_info
+from boxprobe.probe_metrics import (
+    bootstrap_difference,
+    contents_labels,
+    contents_metrics,
+    control_contents_labels,
+    majority_baseline,
+    mentioned_mask,
+    split_by_group,
+)
+from boxprobe.probes import LayerwiseMultiLabelProbe, select_C
+from boxprobe.prompts import build_queries, load_template
+from boxprobe.task import load_vocabulary, read_examples
+
+logger = logging.getLogger(__name__)
+TARGETS = ("contents", "global_state", "prior_1", "prior_2", "prior_3", "incremental")
+
+
+@dataclass(frozen=True)
+class ProbeExperimentConfig:
+    """A probing study over one or more models on one data file."""
+
+    models: tuple[str, ...]
+    """Model names, hub ids or checkpoint directories; the first is the reference in comparisons."""
+    data: str
+    """A boxes JSONL file (e.g. the test subsample)."""
+    out_dir: str = "runs/probes"
+    """Where caches and result CSVs go."""
+    hook: str = "resid_post"
+    """Activation to probe, as :class:`boxprobe.cache.CacheConfig` names hooks (one group, all layers)."""
+    targets: tuple[str, ...] = ("contents", "global_state", "prior_1")
+    """Probe targets, from :data:`TARGETS`."""
+    limit: int | None = None
+    """Use only the first N per-box queries."""
+    template: str | None = None
+    """Prompt template; None uses the checkpoint's recorded template, else ``default``."""
+    dtype: str = "float32"
+    """Storage dtype of the activation cache."""
+    batch_size: int = 32
+    """Prompts per forward pass when caching."""
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0)
+    """Inverse L2 strengths tried per layer; the best on validation is used."""
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Train / validation / test fractions of sample_ids."""
+    random_init: bool = True
+    """Also probe a re-initialised copy of each model (the random-init baseline)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for intervals and model differences."""
+    seed: int = 0
+    """Seed of splits, controls and bootstraps."""
+    device: str | None = None
+    """Model device; None picks cuda when available."""
+
+    def __post_init__(self) -> None:
+        for target in self.targets:
+            check_choice("target", target, TARGETS)
+        if not self.models:
+            raise ValueError("ProbeExperimentConfig needs at least one model.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProbeExperimentConfig":
+        return from_dict(cls, data)
+
+
+@dataclass
+class ProbeRun:
+    """Results of a probe experiment as tidy frames (also written as CSVs to ``out_dir``)."""
+
+    out_dir: Path
+    probe_accuracy: pd.DataFrame
+    probe_heatmap: pd.DataFrame
+    selectivity: pd.DataFrame
+    model_difference: pd.DataFrame
+
+    def plot_probe_accuracy(self, probe: str = "contents", metric: str = "non_trivial") -> go.Figure:
+        df = self.probe_accuracy
+        return plots.probe_accuracy_by_layer(df[(df.probe == probe) & (df.metric == metric)],
+                                             title=f"{probe} probe, {metric} accuracy")
+
+    def plot_heatmap(self, model: str, probe: str = "contents") -> go.Figure:
+        df = self.probe_heatmap
+        return plots.probe_heatmap(df[(df.model == model) & (df.probe == probe)])
+
+    def plot_selectivity(self, probe: str = "contents") -> go.Figure:
+        return plots.selectivity_by_layer(self.selectivity[self.selectivity.probe == probe])
+
+    def plot_difference(self, probe: str = "contents") -> go.Figure:
+        df = self.model_difference
+        return plots.model_difference(df[df.probe == probe])
+
+
+# -- targets: (X rows, labels, mask) from cached metadata ------------------------------------------
+
+
+@dataclass
+class _Target:
+    rows: np.ndarray  # indices into the cached items
+    Y: np.ndarray  # [n, outputs] bool
+    mask: np.ndarray  # [n, outputs] bool: the cells that count ("non-trivial")
+    groups: np.ndarray  # sample_id per row
+    numops: np.ndarray
+    query_types: list  # for the control task
+    n_classes: int = 0  # > 0: outputs are (object, class) one-hot blocks scored by argmax
+
+
+def _contents_target(meta: pd.DataFrame, column: str, vocab: Sequence[str]) -> _Target:
+    keep = meta[column].map(lambda v: v is not None).to_numpy()
+    sub = meta[keep]
+    return _Target(np.flatnonzero(keep), contents_labels(sub[column], vocab), mentioned_mask(sub["mentioned"], vocab),
+                   sub["sample_id"].to_numpy(), sub["numops"].to_numpy(), list(sub["query_box"]))
+
+
+def _global_target(meta: pd.DataFrame, vocab: Sequence[str]) -> _Target:
+    index = {o: i for i, o in enumerate(vocab)}
+    n_boxes = len(meta["state"].iloc[0])
+    n_classes = n_boxes + 1  # the last class: in no box
+    Y = np.zeros((len(meta), len(vocab) * n_classes), bool)
+    mask = np.zeros_like(Y)
+    for i, (state, mentioned) in enumerate(zip(meta["state"], meta["mentioned"])):
+        where = {o: b for b, contents in enumerate(state) for o in contents}
+        for obj in mentioned:
+            block = index[obj] * n_classes
+            Y[i, block + where.get(obj, n_boxes)] = True
+            mask[i, block:block + n_classes] = True
+    return _Target(np.arange(len(meta)), Y, mask, meta["sample_id"].to_numpy(), meta["numops"].to_numpy(),
+                   list(meta["query_box"]), n_classes)
+
+
+def _incremental_target(meta: pd.DataFrame, contexts: Sequence[str], vocab: Sequence[str]) -> _Target:
+    ops = meta[meta["op_index"].fillna(-1).astype(int) >= 0]
+    # The queries of one context repeat its mentions: keep one row per (context, mention).
+    ops = ops.assign(context=[contexts[q] for q in ops["query_index"]])
+    ops = ops.drop_duplicates(["context", "op_index", "mention", "box"])
+    after = [states_from_context(c)[int(op) + 1][int(b)] for c, op, b in zip(ops["context"], ops["op_index"], ops["box"])]
+    mentioned = [set(re.findall(r"\bthe (\w+)", c)) & set(vocab) for c in ops["context"]]
+    return _Target(ops.index.to_numpy(), contents_labels(after, vocab), mentioned_mask(mentioned, vocab),
+                   ops["sample_id"].to_numpy(), ops["op_index"].to_numpy() + 1, list(ops["box"]))
+
+
+def _cell_correct(pred: np.ndarray, target: _Target, idx: np.ndarray, proba: np.ndarray | None) -> np.ndarray:
+    """Per item and layer: the share of counted cells (objects) predicted right."""
+    Y, M = target.Y[idx], target.mask[idx]
+    if target.n_classes:  # argmax within each object's block of classes
+        n, L, _ = proba.shape
+        blocks = proba.reshape(n, L, -1, target.n_classes)
+        truth = Y.reshape(n, -1, target.n_classes).argmax(-1)
+        counted = M.reshape(n, -1, target.n_classes).any(-1)
+        right = (blocks.argmax(-1) == truth[:, None, :]) & counted[:, None, :]
+        return right.sum(2) / np.maximum(counted.sum(1), 1)[:, None]
+    right = (pred == Y[:, None, :]) & M[:, None, :]
+    return right.sum(2) / np.maximum(M.sum(1), 1)[:, None]
+
+
+class ProbeExperiment:
+    """Runs the stages of a :class:`ProbeExperimentConfig`; see the module docstring."""
+
+    def __init__(self, cfg: ProbeExperimentConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.vocab = load_vocabulary("objects")
+
+    def run(self) -> ProbeRun:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        examples = read_examples(cfg.data)
+        accuracy, heat, correct_by = [], [], {}
+        for name in cfg.models:
+            variants = [(False, "")] + ([(True, " (random init)")] if cfg.random_init else [])
+            for random_init, suffix in variants:
+                model = load_model(name, device=cfg.device, random_init=random_init, seed=cfg.seed)
+                label = Path(str(name)).name + suffix
+                meta, X, contexts = self._cache(model, examples, label)
+                for target_name in cfg.targets:
+                    acc, hm, correct, groups = self._probe(target_name, meta, X, contexts, label, random_init)
+                    accuracy.append(acc)
+                    heat.append(hm)
+                    correct_by[(label, target_name)] = (correct, groups)
+                del model
+        accuracy = pd.concat(accuracy, ignore_index=True)
+        heat = pd.concat(heat, ignore_index=True)
+        selectivity = self._selectivity(accuracy)
+        difference = self._differences(correct_by)
+        for frame, file in ((accuracy, "probe_accuracy.csv"), (heat, "probe_heatmap.csv"),
+                            (selectivity, "selectivity.csv"), (difference, "model_difference.csv")):
+            frame.to_csv(self.out / file, index=False)
+        (self.out / "probe_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        return ProbeRun(self.out, accuracy, heat, selectivity, difference)
+
+    def _cache(self, model, examples, label: str):
+        cfg = self.cfg
+        info = model_info(model)
+        template_name = cfg.template or (info.metadata.get("prompt_template") if info else None) or "default"
+        template = load_template(template_name)
+        queries = build_queries(examples, template, "per-box")[: cfg.limit]
+        roles = ("query_last", "box_mention") if "incremental" in cfg.targets else ("query_last",)
+        cache_cfg = CacheConfig(hooks=(cfg.hook,), roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                                template=template.name, prompt_format="per-box")
+        safe = re.sub(r"[^\w.-]+", "_", label)
+        reader = build_cache(model, queries, self.out / "cache" / safe, cache_cfg, data_hash=file_sha256(cfg.data))
+        X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
+        meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
+        return meta, X, [q.examples[0].context for q in queries]
+
+    def _probe(self, target_name: str, meta, X, contexts, label: str, random_init: bool):
+        cfg = self.cfg
+        if target_name == "incremental":
+            target, feats = _incremental_target(meta["box_mention"], contexts, self.vocab), X["box_mention"]
+        elif target_name == "global_state":
+            target, feats = _global_target(meta["query_last"], self.vocab), X["query_last"]
+        else:
+            column = "gold" if target_name == "contents" else target_name
+            target, feats = _contents_target(meta["query_last"], column, self.vocab), X["query_last"]
+        feats = feats[target.rows]
+        train, val, test = split_by_group(target.groups, cfg.split, seed=cfg.seed)
+        chosen = select_C(feats[train], target.Y[train], feats[val], target.Y[val], list(cfg.Cs),
+                          estimator=LayerwiseMultiLabelProbe(), mask_train=target.mask[train],
+                          mask_val=target.mask[val])
+        probe = chosen.estimator
+        proba = probe.predict_proba(feats[test]) if target.n_classes else None
+        correct = _cell_correct(probe.predict(feats[test]), target, test, proba)
+        kind = "random-init" if random_init else "task"
+        model_name = label.removesuffix(" (random init)")
+        rows = [self._accuracy_rows(model_name, target_name, kind, correct, target.groups[test])]
+        if not random_init:
+            control_Y = control_contents_labels(target.query_types, target.Y, target.mask, seed=cfg.seed)
+            control = LayerwiseMultiLabelProbe(C=chosen.C).fit(feats[train], control_Y[train], mask=target.mask[train])
+            ctrl_target = _Target(target.rows, control_Y, target.mask, target.groups, target.numops,
+                                  target.query_types, target.n_classes)
+            ctrl_proba = control.predict_proba(feats[test]) if target.n_classes else None
+            ctrl_correct = _cell_correct(control.predict(feats[test]), ctrl_target, test, ctrl_proba)
+            rows.append(self._accuracy_rows(model_name, target_name, "control", ctrl_correct, target.groups[test]))
+            majority = majority_baseline(target.Y[train], target.Y[test], target.mask[train], target.mask[test])
+            rows.append(pd.DataFrame({"model": model_name, "probe": target_name, "metric": "non_trivial",
+                                      "kind": "majority", "layer": np.arange(correct.shape[1]), "value": majority}))
+        numops = target.numops[test]
+        heat = pd.DataFrame([{"model": label, "probe": target_name, "layer": layer, "numops": int(k),
+                              "value": float(correct[numops == k, layer].mean())}
+                             for k in np.unique(numops) for layer in range(correct.shape[1])])
+        if target_name != "global_state" and not target.n_classes:
+            extra = contents_metrics(probe.predict(feats[test]), target.Y[test], target.mask[test], numops)
+            extra = extra[(extra.numops == "all") & (extra.metric != "non_trivial")]
+            rows.append(extra.assign(model=model_name, probe=target_name, kind=kind)[
+                ["model", "probe", "metric", "kind", "layer", "value"]])
+        return pd.concat(rows, ignore_index=True), heat, correct, target.groups[test]
+
+    def _accuracy_rows(self, model, probe, kind, correct, groups) -> pd.DataFrame:
+        ci = bootstrap_difference(correct, np.zeros_like(correct), groups, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+        return pd.DataFrame({"model": model, "probe": probe, "metric": "non_trivial", "kind": kind,
+                             "layer": ci["layer"], "value": correct.mean(0), "ci_low": ci["ci_low"],
+                             "ci_high": ci["ci_high"]})
+
+    @staticmethod
+    def _selectivity(accuracy: pd.DataFrame) -> pd.DataFrame:
+        nt = accuracy[accuracy.metric == "non_trivial"]
+        task = nt[nt.kind == "task"].set_index(["model", "probe", "layer"])["value"]
+        control = nt[nt.kind == "control"].set_index(["model", "probe", "layer"])["value"]
+        return (task - control).rename("selectivity").reset_index()
+
+    def _differences(self, correct_by: dict) -> pd.DataFrame:
+        cfg = self.cfg
+        names = [Path(str(m)).name for m in cfg.models]
+        frames = []
+        for other in names[1:]:
+            for target_name in cfg.targets:
+                (a, groups), (b, _) = correct_by[(other, target_name)], correct_by[(names[0], target_name)]
+                if a.shape != b.shape:
+                    logger.warning("%s and %s differ in depth; no layer-wise difference for %s", other, names[0],
+                                   target_name)
+                    continue
+                # Same data and split seed: both models are scored on the same test items.
+                diff = bootstrap_difference(a, b, groups, n_boot=cfg.n_boot, seed=cfg.seed)
+                frames.append(diff.assign(probe=target_name, model_a=other, model_b=names[0]))
+        cols = ["probe", "layer", "diff", "ci_low", "ci_high", "model_a", "model_b"]
+        return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)

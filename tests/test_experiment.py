@@ -1,0 +1,60 @@
+"""The probe experiment runs end to end on a tiny checkpoint and writes the dashboard's files."""
+
+import plotly.graph_objects as go
+import pytest
+
+from boxprobe.config import ConfigError
+from boxprobe.dashboard import dashboard_from_run
+from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+from boxprobe.task import TaskConfig, generate_dataset
+from boxprobe.toy.tokenizer import build_tokenizer
+from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def toy_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe_exp")
+    tok = build_tokenizer()
+    dirs = []
+    for name, seed in (("toy-a", 0), ("toy-b", 1)):
+        import torch
+        torch.manual_seed(seed)
+        model = build_model(ModelShape(n_layers=2, d_model=32, n_heads=2, d_mlp=64), len(tok), tok)
+        save_checkpoint(model, tok, root / name, {"prompt_template": "toy", "prompt_format": "per-box"})
+        dirs.append(str(root / name))
+    data = generate_dataset(TaskConfig(num_samples=60, num_operations=3, seed=4), root / "data", subsample_per_numops=6)
+    return dirs, str(data["test-subsample"]), root
+
+
+def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
+    dirs, data, root = toy_pair
+    cfg = ProbeExperimentConfig(models=tuple(dirs), data=data, out_dir=str(root / "run"), targets=("contents", "prior_1"),
+                                Cs=(0.1, 1.0), n_boot=50)
+    run = ProbeExperiment(cfg).run()
+    acc = run.probe_accuracy
+    assert set(acc.kind) == {"task", "control", "majority", "random-init"}
+    assert set(acc.probe) == {"contents", "prior_1"}
+    nt = acc[(acc.metric == "non_trivial") & (acc.kind == "task")]
+    assert set(nt.layer) == {0, 1} and nt.value.between(0, 1).all()
+    assert (nt.ci_low <= nt.value + 1e-9).all() and (nt.value <= nt.ci_high + 1e-9).all()
+    assert {"exact_set", "full"} <= set(acc.metric)
+    assert set(run.model_difference.model_a) == {"toy-b"} and set(run.model_difference.model_b) == {"toy-a"}
+    assert len(run.selectivity) == 2 * 2 * 2  # models x probes x layers
+    for name in ("probe_accuracy.csv", "probe_heatmap.csv", "selectivity.csv", "model_difference.csv"):
+        assert (root / "run" / name).exists()
+    assert isinstance(run.plot_probe_accuracy(), go.Figure)
+    assert isinstance(run.plot_heatmap("toy-a"), go.Figure)
+    assert isinstance(run.plot_difference(), go.Figure)
+    html = dashboard_from_run(root / "run")
+    assert html.read_text().count("plotly-graph-div") >= 4
+
+    # A second run reuses the caches (same request) and gives the same numbers.
+    again = ProbeExperiment(cfg).run()
+    assert again.probe_accuracy.equals(run.probe_accuracy)
+
+
+def test_probe_experiment_config_rejects_typos():
+    with pytest.raises(ConfigError, match="did you mean 'targets'"):
+        ProbeExperimentConfig.from_dict({"models": ["x"], "data": "d.jsonl", "targetz": ["contents"]})
+    with pytest.raises(ConfigError, match="target"):
+        ProbeExperimentConfig(models=("x",), data="d.jsonl", targets=("colour",))
