@@ -1,0 +1,431 @@
+"""Counterfactual pairs, activation / path patching, faithfulness and CMAP on tiny toy-tokenizer Llamas.
+
+Batched results are checked against ``transformer_lens.patching`` (equal-length, unpadded pairs) and
+against a plain one-patch-per-forward reference with an attention mask (padded pairs); path patching on
+hand-edited weights where the answer is known.
+"""
+
+import logging
+import re
+from collections import Counter
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from tokenizers import pre_tokenizers
+
+from boxprobe import patching as P
+from boxprobe.models import ModelMismatchError, load_model
+from boxprobe.pairs import PAIR_KINDS, build_pairs, collate_pairs
+from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
+from boxprobe.toy.tokenizer import build_tokenizer
+from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+
+CFG = TaskConfig(num_boxes=4, num_samples=6, num_operations=1, seed=3)
+ATOL = 1e-5
+
+
+def toy_checkpoint(path, d_model=64, seed=0):
+    """A 2-layer, 4-head Llama with the toy tokenizer; weights widened so logits differ clearly."""
+    tok = build_tokenizer(str(path))
+    torch.manual_seed(seed)
+    model = build_model(ModelShape(n_layers=2, d_model=d_model, n_heads=4, d_mlp=2 * d_model, n_ctx=256), len(tok), tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    save_checkpoint(model, tok, path, {"prompt_template": "toy", "prompt_format": "per-box"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    return toy_checkpoint(tmp_path_factory.mktemp("toy") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def model(toy_dir):
+    return load_model(toy_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [e for s in generate_sequences(CFG) for e in sequence_examples(s, CFG)]
+
+
+def same_length(pairs, n):
+    length, _ = Counter(len(p.clean_ids) for p in pairs).most_common(1)[0]
+    return [p for p in pairs if len(p.clean_ids) == length][:n]
+
+
+@pytest.fixture(scope="module")
+def flat_batch(model, examples):
+    """Equal-length object-value pairs: no padding, so TransformerLens can run them too."""
+    pairs, _ = build_pairs(examples, "object-value", model)
+    return collate_pairs(same_length(pairs, 3), model.tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def padded_batch(model, examples):
+    pairs, _ = build_pairs(examples, "query-box", model)
+    by_length = {len(p.clean_ids): p for p in pairs}
+    batch = collate_pairs(list(by_length.values())[:3], model.tokenizer.pad_token_id)
+    assert batch.attention_mask is not None and len(set(batch.pad.tolist())) == 3
+    return batch
+
+
+def no_hooks_left(model) -> bool:
+    return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def values(frame, *shape):
+    return torch.tensor(frame["value"].to_numpy()).reshape(*shape)
+
+
+# -- pairs ----------------------------------------------------------------------------------------------
+
+
+def first_words(answer):
+    return re.findall(r"\w+", answer)
+
+
+@pytest.mark.parametrize("kind", PAIR_KINDS)
+def test_pairs_are_equal_length_and_differ_in_first_answer_token(model, examples, kind):
+    tok = model.tokenizer
+    pairs, stats = build_pairs(examples, kind, model, seed=1)
+    assert stats.n_pairs == len(pairs) > len(examples) // 3
+    assert stats.n_examples == stats.n_pairs + sum(stats.rejected.values())
+    for p in pairs:
+        assert len(p.clean_ids) == len(p.corrupt_ids)
+        assert p.clean_ids == tuple(tok(p.clean.prompt)["input_ids"])
+        assert p.clean_token != p.corrupt_token
+        # The answer token is the first word after the shared prefix: an object name or "nothing".
+        n_shared = len(first_words(p.answer_prefix))
+        assert p.answer_prefix in ("", " the") and p.clean.prompt.endswith(p.answer_prefix)
+        assert tok.decode([p.clean_token]).strip() == first_words(p.clean_answer)[n_shared]
+        assert tok.decode([p.corrupt_token]).strip() == first_words(p.corrupt_answer)[n_shared]
+        for ids, table in ((p.clean_ids, p.clean_positions), (p.corrupt_ids, p.corrupt_positions)):
+            assert table.loc[table["role"] == "query_last", "token_index"].item() == len(ids) - 1
+        clean_ex, corrupt_ex = p.clean.examples[0], p.corrupt.examples[0]
+        if kind == "query-box":
+            assert clean_ex.context == corrupt_ex.context and clean_ex.box != corrupt_ex.box
+        elif kind == "object-value":
+            swapped = re.findall(r"the (\w+)", corrupt_ex.gold)
+            assert swapped and not set(swapped) & set(re.findall(r"\w+", p.clean.prompt))
+            mentions = lambda t: t[t["role"] == "box_mention"]["token_index"].tolist()  # noqa: E731
+            assert mentions(p.clean_positions) == mentions(p.corrupt_positions)
+            differ = [i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupt_ids)) if a != b]
+            objects = set(p.corrupt_positions.loc[p.corrupt_positions["object"].isin(swapped), "token_index"])
+            assert set(differ) <= objects
+        elif kind == "positional":
+            clauses = lambda ex: ex.context.split(".")[0].split(", ")  # noqa: E731
+            assert sorted(clauses(clean_ex)) == sorted(clauses(corrupt_ex))
+            assert clauses(corrupt_ex) != clauses(clean_ex)
+            label = clean_ex.statement_prefix.removesuffix(" contains")
+            here = next(i for i, c in enumerate(clauses(clean_ex)) if label in c)
+            assert label not in clauses(corrupt_ex)[here]
+            assert corrupt_ex.gold == clean_ex.gold  # the true answer stays; the metric's token is the moved one
+        else:
+            label = corrupt_ex.statement_prefix.removesuffix(" contains")
+            assert label not in p.clean.prompt and p.corrupt_answer == " nothing."
+    again, _ = build_pairs(examples, kind, model, seed=1)
+    assert [p.corrupt.prompt for p in again] == [p.corrupt.prompt for p in pairs]
+
+
+def test_length_mismatch_is_rejected_counted_and_logged(caplog):
+    cfg = TaskConfig(num_boxes=10, num_samples=2, num_operations=0, seed=0)
+    examples = [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg)]
+    tok = build_tokenizer()  # digits split one by one: every unused label ("Box 10".."Box 19") is one token longer
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [tok.backend_tokenizer.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True)])
+    with caplog.at_level(logging.WARNING, logger="boxprobe.pairs"):
+        pairs, stats = build_pairs(examples, "random-label", tok, template="toy")
+    empty = sum(e.gold == "nothing" for e in examples)
+    assert pairs == [] and stats.rejected["length"] == len(examples) - empty > 0
+    assert stats.rejected["same_answer"] == empty
+    assert any("different lengths" in r.message for r in caplog.records)
+    # The word-level toy tokenizer has no "10".."19": the labels are unknown words, rejected as such.
+    none, unknown = build_pairs(examples, "random-label", build_tokenizer(), template="toy")
+    assert none == [] and unknown.rejected["length"] == 0
+    assert unknown.rejected["tokenization"] == len(examples) - empty
+
+
+def test_collate_pads_left_and_positions_follow(padded_batch):
+    b = padded_batch
+    for i, p in enumerate(b.pairs):
+        pad = int(b.pad[i])
+        assert b.attention_mask[i, :pad].sum() == 0 and b.attention_mask[i, pad:].all()
+        assert b.clean_tokens[i, pad:].tolist() == list(p.clean_ids)
+        for role in ("query_last", "query_box", "box_mention"):
+            pos = int(b.positions(role)[i])
+            t = p.clean_positions
+            assert pos - pad in t.loc[t["role"] == role, "token_index"].tolist()
+    assert (b.positions("query_last") == b.n_pos - 1).all() and (b.positions(-1) == b.n_pos - 1).all()
+
+
+# -- activation patching ----------------------------------------------------------------------------------
+
+
+def tl_metric(batch):
+    return lambda logits: P.normalised_logit_diff(logits, batch).mean()
+
+
+def test_matches_transformer_lens_on_unpadded_pairs(model, flat_batch):
+    b = P.with_baselines(model, flat_batch)
+    assert b.attention_mask is None
+    L, H, n_pos = model.cfg.n_layers, model.cfg.n_heads, b.n_pos
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(b.clean_tokens)
+        ref_resid = tlp.get_act_patch_resid_pre(model, b.corrupt_tokens, cache, tl_metric(b))
+        ref_all = tlp.get_act_patch_attn_head_out_all_pos(model, b.corrupt_tokens, cache, tl_metric(b))
+        ref_by_pos = tlp.get_act_patch_attn_head_out_by_pos(model, b.corrupt_tokens, cache, tl_metric(b))
+    resid = P.patch_resid_pre(model, b, progress=False)
+    assert list(resid.columns) == ["model", "layer", "position", "token", "value"]
+    assert torch.allclose(values(resid, L, n_pos), ref_resid, atol=ATOL)
+    assert ref_resid.abs().max() > 0.5  # the comparison is not of zeros
+    heads = P.patch_heads(model, b, progress=False)
+    assert list(heads.columns) == ["model", "layer", "head", "value"]
+    assert torch.allclose(values(heads, L, H), ref_all, atol=ATOL)
+    by_pos = P.patch_heads(model, b, positions="each", progress=False, max_batch=40)
+    assert torch.allclose(values(by_pos, L, n_pos, H), ref_by_pos, atol=ATOL)
+    # Without shortcuts (every site over every position, no cache) the numbers are the same.
+    plain = P.patch_resid_pre(model, b, progress=False, shortcuts=False)
+    assert torch.allclose(values(plain, L, n_pos), ref_resid, atol=ATOL)
+
+
+def reference_patch(model, batch, hook, pos, heads=None):
+    """One forward per site: the corrupt run with the clean activation copied in, attention mask passed."""
+    b = P.with_baselines(model, batch)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask, names_filter=[hook])
+        rows = torch.arange(len(b))
+
+        def copy(act, hook):
+            idx = (rows, pos) if heads is None else (rows, pos, heads)
+            act[idx] = cache[hook.name][idx]
+            return act
+
+        with model.hooks(fwd_hooks=[(hook, copy)]):
+            return P.normalised_logit_diff(model(b.corrupt_tokens, attention_mask=b.attention_mask), b).mean().item()
+
+
+def test_padded_batches_match_one_site_per_forward(model, padded_batch):
+    b = padded_batch
+    resid = P.patch_resid_pre(model, b, progress=False)
+    uncached = P.patch_resid_pre(model, b, progress=False, kv_prefix=False, max_batch=7)
+    assert torch.allclose(values(resid, -1), values(uncached, -1), atol=ATOL)
+    for layer in range(model.cfg.n_layers):
+        for p in range(b.n_pos):
+            got = resid[(resid["layer"] == layer) & (resid["position"] == p)]["value"].item()
+            want = reference_patch(model, b, f"blocks.{layer}.hook_resid_pre", torch.full((len(b),), p))
+            assert got == pytest.approx(want, abs=ATOL)
+    for p, label in enumerate(resid.loc[resid["layer"] == 0, "token"]):
+        clean, corrupt = set(b.clean_tokens[:, p].tolist()), set(b.corrupt_tokens[:, p].tolist())
+        if len(clean) > 1 or len(corrupt) > 1:
+            assert label == "*"
+        else:
+            words = [model.tokenizer.decode(list(t)) for t in (clean, corrupt)]
+            assert label == (words[0] if clean == corrupt else "/".join(words))
+    heads = P.patch_heads(model, b, positions="query_last", progress=False)
+    for row in heads.itertuples():
+        want = reference_patch(model, b, f"blocks.{row.layer}.attn.hook_z", b.positions("query_last"), row.head)
+        assert row.value == pytest.approx(want, abs=ATOL)
+    out = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", "query_box"], progress=False)
+    assert list(out["position"]) == ["all", "query_box"] * model.cfg.n_layers
+
+
+def test_generic_loop_with_a_row_patched_inside_the_cached_prefix(model, padded_batch):
+    """One site, per-row positions: row 0 at its BOS (equal in both prompts, before the cached prefix ends),
+    the others at the queried label. Built from the public pieces: copy_patch + generic_patch."""
+    b = P.with_baselines(model, padded_batch)
+    pos = b.positions("query_box").clone()
+    pos[0] = int(b.pad[0])
+    name = "blocks.1.hook_resid_pre"
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask, names_filter=[name])
+        _, corrupt = model.run_with_cache(b.corrupt_tokens, attention_mask=b.attention_mask, names_filter=[name])
+    patch = P.copy_patch(name, clean[name], P.differences(clean[name], corrupt[name]), pos)
+    assert patch.start == int(pos[1:].min()) > int(pos[0])
+    got = P.generic_patch(model, b, [[patch], []], {"v": P.normalised_logit_diff}, target="corrupt", kv_prefix=True,
+                          progress=False)
+    assert got[1, 0].item() == pytest.approx(0.0, abs=ATOL)  # the empty site is the corrupt run
+    assert got[0, 0].item() == pytest.approx(reference_patch(model, b, name, pos), abs=ATOL)
+
+
+def test_endpoints_and_direction(model, padded_batch):
+    """Patching the whole residual stream at layer 0 runs the other prompt: 1 when denoising, 0 when noising."""
+    kw = dict(layers=[0], positions="all", progress=False)
+    assert P.patch_resid_pre(model, padded_batch, **kw)["value"].item() == pytest.approx(1.0, abs=ATOL)
+    noised = P.patch_resid_pre(model, padded_batch, direction="noising", **kw)["value"].item()
+    assert noised == pytest.approx(0.0, abs=ATOL)
+    groups = P.patch_head_groups(model, padded_batch, {"none": [], "all": [(l, h) for l in range(2) for h in range(4)]},
+                                 progress=False)
+    assert groups.set_index("group").loc["none", "value"] == pytest.approx(0.0, abs=ATOL)
+    with pytest.raises(ValueError, match="direction"):
+        P.patch_resid_pre(model, padded_batch, direction="sideways", **kw)
+
+
+def test_no_hook_survives_an_exception(model, padded_batch):
+    clean = model(padded_batch.clean_tokens, attention_mask=padded_batch.attention_mask)
+    calls = []
+
+    def failing(logits, batch):
+        calls.append(1)
+        if len(calls) > 1:  # the unpatched run passes; the first patched forward fails
+            raise RuntimeError("metric failed")
+        return P.logit_diff(logits, batch)
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        P.patch_resid_pre(model, padded_batch, metric=failing, progress=False)
+    assert no_hooks_left(model)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="metric failed"):
+        P.path_patch(model, padded_batch, "each", [(1, 0)], metric=failing, progress=False)
+    assert no_hooks_left(model) and not model.cfg.use_split_qkv_input
+    assert torch.equal(model(padded_batch.clean_tokens, attention_mask=padded_batch.attention_mask), clean)
+
+
+# -- path patching ----------------------------------------------------------------------------------------
+
+
+def hf_layer(model, layer):
+    return model.original_model.model.layers[layer]
+
+
+def test_path_patching_matches_transformer_lens_direct_path(model, flat_batch):
+    b = P.with_baselines(model, flat_batch)
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(b.clean_tokens)
+        _, corrupt = model.run_with_cache(b.corrupt_tokens)
+    for component in "qkv":
+        with torch.inference_mode():
+            ref = tlp.get_act_patch_direct_path(model, b.corrupt_tokens, clean, corrupt, tl_metric(b), 0, 1,
+                                                component, verbose=False)
+        for head in range(model.cfg.n_heads):
+            got = P.path_patch(model, b, {"L0H1": [(0, 1)]}, [(1, head)], components=(component,), progress=False)
+            assert got["value"].item() == pytest.approx(ref[1, head].item(), abs=ATOL)
+
+
+def test_path_patching_constructed_cases(toy_dir, padded_batch):
+    """Sender 0.1 writes nothing (W_O zero): every path effect is 0. Receiver 1.2 has W_Q = 0, so its
+    attention is uniform whatever its input: via Q and K the effect is 0, via V it is the full effect,
+    which equals patching the receiver's values recomputed by hand from RMSNorm(resid + sender delta)."""
+    model = load_model(toy_dir, device="cpu")
+    b = P.with_baselines(model, padded_batch)
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    with torch.no_grad():
+        hf_layer(model, 0).self_attn.o_proj.weight[:, 1 * d_head:2 * d_head] = 0
+        hf_layer(model, 1).self_attn.q_proj.weight[2 * d_head:3 * d_head] = 0
+    b = P.with_baselines(model, b)
+    corrupt = b.corrupt_logit_diff.mean().item()
+    receivers = [(1, h) for h in range(n_heads)]
+    zero_sender = P.path_patch(model, b, {"L0H1": [(0, 1)]}, receivers, metric=P.logit_diff, progress=False)
+    assert zero_sender["value"].tolist() == pytest.approx([corrupt] * 3, abs=1e-6)
+
+    out = P.path_patch(model, b, {"L0H3": [(0, 3)]}, [(1, 2)], metric=P.logit_diff, progress=False)
+    via = dict(zip(out["component"], out["value"]))
+    assert via["q"] == pytest.approx(corrupt, abs=1e-6) and via["k"] == pytest.approx(corrupt, abs=1e-6)
+    assert abs(via["v"] - corrupt) > 1e-3
+
+    with torch.inference_mode():
+        names = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]
+        _, clean = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask, names_filter=names)
+        _, cor = model.run_with_cache(b.corrupt_tokens, attention_mask=b.attention_mask, names_filter=names)
+        pattern = cor["blocks.1.attn.hook_pattern"][:, 2, -1]  # receiver's last row: uniform over real tokens
+        real = b.attention_mask.bool()
+        assert torch.allclose(pattern[real], (1 / real.sum(1, keepdim=True)).expand_as(pattern)[real], atol=1e-6)
+        attn = hf_layer(model, 1)
+        w_o = hf_layer(model, 0).self_attn.o_proj.weight[:, 3 * d_head:4 * d_head]  # [d_model, d_head]
+        delta = (clean["blocks.0.attn.hook_z"][:, :, 3] - cor["blocks.0.attn.hook_z"][:, :, 3]) @ w_o.T
+        x = cor["blocks.1.hook_resid_pre"] + delta
+        norm = attn.input_layernorm
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+        v = (x @ attn.self_attn.v_proj.weight.T).reshape(*x.shape[:2], n_heads, d_head)
+
+        def set_v(act, hook):
+            act[:, :, 2] = v[:, :, 2]
+            return act
+
+        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_v", set_v)]):
+            want = P.logit_diff(model(b.corrupt_tokens, attention_mask=b.attention_mask), b).mean().item()
+    assert via["v"] == pytest.approx(want, abs=1e-5)
+    assert no_hooks_left(model)
+
+
+def test_path_patching_refuses_kv_on_grouped_query_attention(tmp_path, padded_batch):
+    from helpers import make_tiny_checkpoint
+    gqa = load_model(make_tiny_checkpoint(tmp_path / "mistral", arch="mistral"), device="cpu")
+    with pytest.raises(ValueError, match="n_key_value_heads"):
+        P.path_patch(gqa, padded_batch, "each", [(1, 0)], components=("q", "v"), progress=False)
+
+
+# -- faithfulness -----------------------------------------------------------------------------------------
+
+
+def test_faithfulness_against_random_sets(model, padded_batch):
+    b = padded_batch
+    circuit = [(1, 0), (1, 3)]
+    frame = P.faithfulness(model, b, circuit, n_random=4, seed=3, progress=False)
+    assert list(frame["set"]) == ["full", "circuit", "empty"] + [f"random_{i}" for i in range(4)]
+    by = frame.set_index("set")
+    assert by.loc["full", "value"] == pytest.approx(1.0, abs=ATOL) and by.loc["full", "kept"] == pytest.approx(1.0)
+    assert by.loc["empty", "kept"] == pytest.approx(0.0) and abs(by.loc["empty", "value"] - 1) > 0.05
+    assert (frame.loc[frame["kind"] == "random", "n_heads"] == 2).all() and frame["accuracy"].between(0, 1).all()
+    again = P.faithfulness(model, b, circuit, n_random=4, seed=3, progress=False)
+    assert again["value"].tolist() == pytest.approx(frame["value"].tolist())
+    everyone = [(l, h) for l in range(2) for h in range(4)]
+    assert P.faithfulness(model, b, everyone, n_random=0, progress=False).set_index("set").loc["circuit", "kept"] == 1
+
+    # Keeping all heads but 0.2 equals mean-ablating head 0.2 by hand at the three key positions.
+    one = P.faithfulness(model, b, [x for x in everyone if x != (0, 2)], n_random=0, progress=False)
+    bb = P.with_baselines(model, b)
+    rows = torch.arange(len(b))
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask,
+                                        names_filter=["blocks.0.attn.hook_z"])
+        z = cache["blocks.0.attn.hook_z"]
+        means = {r: z[rows, b.positions(r), 2].mean(0) for r in P.DEFAULT_KEY_POSITIONS}
+
+        def ablate(act, hook):
+            for r, m in means.items():
+                act[rows, b.positions(r), 2] = m
+            return act
+
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", ablate)]):
+            want = P.normalised_logit_diff(model(b.clean_tokens, attention_mask=b.attention_mask), bb).mean().item()
+    assert one.set_index("set").loc["circuit", "value"] == pytest.approx(want, abs=ATOL)
+
+
+# -- cross-model patching ---------------------------------------------------------------------------------
+
+
+def test_cross_model_patching(toy_dir, tmp_path, model, padded_batch):
+    b = padded_batch
+    same = P.cross_model_patch(model, load_model(toy_dir, device="cpu"), b, {"g": [(1, 0)]}, progress=False)
+    assert list(same.columns) == ["group", "metric", "before", "after"]
+    assert set(same["group"]) == {"g", "L0 heads", "L1 heads", "donor"}
+    assert torch.allclose(torch.tensor(same["after"].values), torch.tensor(same["before"].values), atol=ATOL)
+
+    donor = load_model(toy_checkpoint(tmp_path / "donor", seed=1), device="cpu")
+    out = P.cross_model_patch(model, donor, b, {"g": [(1, 0), (0, 2)]}, per_layer="resid_pre", progress=False)
+    by = out.set_index(["group", "metric"])
+    with torch.inference_mode():
+        _, cache = donor.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask,
+                                        names_filter=["blocks.0.hook_resid_pre"])
+        patched = model(cache["blocks.0.hook_resid_pre"], start_at_layer=0, attention_mask=b.attention_mask)
+        own = donor(b.clean_tokens, attention_mask=b.attention_mask)
+    want = P.logit_diff(patched, b).mean().item()
+    assert by.loc[("L0 resid_pre", "logit_diff"), "after"] == pytest.approx(want, abs=ATOL)
+    assert by.loc[("L0 resid_pre", "accuracy"), "after"] == pytest.approx(P.answer_accuracy(patched, b).mean().item())
+    assert by.loc[("donor", "logit_diff"), "after"] == pytest.approx(P.logit_diff(own, b).mean().item(), abs=ATOL)
+    assert by.loc[("g", "logit_diff"), "after"] != pytest.approx(by.loc[("g", "logit_diff"), "before"], abs=1e-4)
+
+
+def test_cross_model_patching_refuses_other_families(tmp_path, model, padded_batch):
+    from helpers import make_tiny_checkpoint
+    narrow = load_model(toy_checkpoint(tmp_path / "narrow", d_model=32), device="cpu")
+    with pytest.raises(ModelMismatchError, match="d_model"):
+        P.cross_model_patch(model, narrow, padded_batch, progress=False)
+    other_tokenizer = load_model(make_tiny_checkpoint(tmp_path / "words", arch="llama"), device="cpu")
+    with pytest.raises(ModelMismatchError, match="tokenizer"):
+        P.cross_model_patch(model, other_tokenizer, padded_batch, progress=False)
