@@ -2,6 +2,9 @@
 
     boxprobe generate --out DIR [--seed 2255] [--num-samples 2200] [--num-operations 12] [--variant ...]
     boxprobe eval --model NAME_OR_PATH --data FILE --out DIR [--format per-box|all-boxes] [--limit N] ...
+    boxprobe probe CONFIG.yaml [--out DIR]
+    boxprobe demo [--out DIR] [--models M ...] [--stages ...]
+    boxprobe dashboard RUN_DIR
 """
 
 from __future__ import annotations
@@ -43,6 +46,50 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from boxprobe.config import load_yaml_config
+    from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+
+    cfg = load_yaml_config(ProbeExperimentConfig, args.config)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out_dir=str(args.out))
+    run = ProbeExperiment(cfg).run()
+    nt = run.probe_accuracy[run.probe_accuracy.metric == "non_trivial"]
+    print(nt.pivot_table(index=["probe", "model", "kind"], columns="layer", values="value").round(3).to_string())
+    print(f"\nwrote CSVs to {run.out_dir}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from boxprobe.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out_dir=str(args.out))
+    if args.models:
+        cfg = dataclasses.replace(cfg, models=tuple(args.models))
+    if args.stages:
+        cfg = dataclasses.replace(cfg, stages=tuple(args.stages))
+    result = run_demo(cfg)
+    behaviour = Path(args.out) / "behaviour.csv"
+    if behaviour.exists():
+        import pandas as pd
+
+        table = pd.read_csv(behaviour).pivot_table(index="model", columns="numops", values="accuracy")
+        print("accuracy by numops\n" + table.round(2).to_string())
+    print(f"\nwrote {result}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from boxprobe.dashboard import dashboard_from_run
+
+    print(f"wrote {dashboard_from_run(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxprobe", description="Entity tracking interpretability on the boxes task.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -73,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
+
+    pr = sub.add_parser("probe", help="run a probe experiment from a YAML config")
+    pr.add_argument("config", type=Path, help="YAML file of ProbeExperimentConfig fields (see experiments/)")
+    pr.add_argument("--out", type=Path, default=None, help="override the config's out_dir")
+    pr.set_defaults(func=_probe)
+
+    from boxprobe.demo import STAGES
+
+    de = sub.add_parser("demo", help="every analysis stage on the bundled toy models, with a dashboard")
+    de.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    de.add_argument("--models", nargs="+", default=None, help="models instead of the bundled toy models")
+    de.add_argument("--stages", nargs="+", choices=STAGES, default=None)
+    de.set_defaults(func=_demo)
+
+    da = sub.add_parser("dashboard", help="write RUN_DIR/dashboard.html from a run directory")
+    da.add_argument("run_dir", type=Path)
+    da.set_defaults(func=_dashboard)
     return parser
 
 

@@ -80,8 +80,9 @@ class ProbeExperimentConfig:
     """Inverse L2 strengths tried per layer; the best on validation is used."""
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     """Train / validation / test fractions of sample_ids."""
-    random_init: bool = True
-    """Also probe a re-initialised copy of each model (the random-init baseline)."""
+    random_init: str = "first"
+    """Random-init baseline: probe a re-initialised copy of the ``first`` model (enough when the models
+    share an architecture), of ``all`` models, or ``none``."""
     n_boot: int = 1000
     """Bootstrap resamples for intervals and model differences."""
     seed: int = 0
@@ -92,6 +93,7 @@ class ProbeExperimentConfig:
     def __post_init__(self) -> None:
         for target in self.targets:
             check_choice("target", target, TARGETS)
+        check_choice("random_init", self.random_init, ("first", "all", "none"))
         if not self.models:
             raise ValueError("ProbeExperimentConfig needs at least one model.")
 
@@ -202,8 +204,9 @@ class ProbeExperiment:
         self.out.mkdir(parents=True, exist_ok=True)
         examples = read_examples(cfg.data)
         accuracy, heat, correct_by = [], [], {}
-        for name in cfg.models:
-            variants = [(False, "")] + ([(True, " (random init)")] if cfg.random_init else [])
+        for i, name in enumerate(cfg.models):
+            with_random = cfg.random_init == "all" or (cfg.random_init == "first" and i == 0)
+            variants = [(False, "")] + ([(True, " (random init)")] if with_random else [])
             for random_init, suffix in variants:
                 model = load_model(name, device=cfg.device, random_init=random_init, seed=cfg.seed)
                 label = Path(str(name)).name + suffix

@@ -1,0 +1,178 @@
+"""The main job: every analysis stage on the bundled toy models, into one run directory.
+
+``run_demo`` is a small runner: each stage is a function that takes its dependencies (loaded
+models, examples, the run directory) as arguments and writes tidy CSVs in the dashboard's layout,
+so a stage can be rerun or replaced alone. ``boxprobe demo --out DIR`` calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from boxprobe import __version__
+from boxprobe.attention import aggregate_attention, attention_heads_table, attention_to_roles
+from boxprobe.config import check_choice, from_dict
+from boxprobe.dashboard import dashboard_from_run
+from boxprobe.evaluate import evaluate
+from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+from boxprobe.models import load_model, model_info
+from boxprobe.prompts import build_queries, load_template
+from boxprobe.scoring import accuracy_by_numops
+from boxprobe.task import ASSETS, Example, TaskConfig, generate_dataset, read_examples
+
+logger = logging.getLogger(__name__)
+STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
+BUNDLED = tuple(str(ASSETS / "models" / name) for name in ("toy-base", "toy-code", "toy-control"))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. Defaults: the three bundled toy models on a fresh test subsample."""
+
+    models: tuple[str, ...] = BUNDLED
+    """Models to analyse; the first is the base, the second the code-trained model, in comparisons."""
+    out_dir: str = "runs/demo"
+    """The run directory (data, CSVs, caches, dashboard.html)."""
+    per_numops: int = 12
+    """States per numops value in the generated test subsample (all 7 boxes each)."""
+    seed: int = 2255
+    """Seed of the generated data."""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run, in order."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    attention_queries: int = 200
+    """Queries used for the attention analysis."""
+    patching_pairs: int = 8
+    """Counterfactual pairs per kind used for activation patching."""
+    threads: int | None = 1
+    """torch CPU threads; the toy models are so small that one thread is fastest (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            check_choice("stage", stage, STAGES)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DemoConfig":
+        return from_dict(cls, data)
+
+
+def model_name(path: str) -> str:
+    return Path(str(path)).name
+
+
+def behaviour_stage(models: dict, examples: Sequence[Example], out: Path, batch_size: int) -> pd.DataFrame:
+    """Behavioural accuracy by numops of each model -> ``behaviour.csv``."""
+    tables = []
+    for name, model in models.items():
+        result = evaluate(model, examples, batch_size=batch_size)
+        result.save(out / "behaviour" / name)
+        tables.append(accuracy_by_numops(result.frame).assign(model=name))
+    frame = pd.concat(tables, ignore_index=True)
+    frame.to_csv(out / "behaviour.csv", index=False)
+    return frame
+
+
+def probes_stage(model_paths: Sequence[str], data: Path, out: Path, batch_size: int) -> None:
+    """Contents and prior-state probes with controls and baselines -> ``probe_*.csv``."""
+    cfg = ProbeExperimentConfig(models=tuple(model_paths), data=str(data), out_dir=str(out),
+                                targets=("contents", "prior_1"), batch_size=batch_size, n_boot=300,
+                                random_init="first", Cs=(0.1, 1.0))
+    ProbeExperiment(cfg).run()
+
+
+def attention_stage(models: dict, examples: Sequence[Example], out: Path, n_queries: int, batch_size: int) -> pd.DataFrame:
+    """Attention of each head from the query token to semantic roles -> ``attention_heads.csv``."""
+    frames = []
+    for name, model in models.items():
+        info = model_info(model)
+        template = load_template((info.metadata.get("prompt_template") if info else None) or "default")
+        queries = build_queries(examples, template, "per-box")[:n_queries]
+        raw = attention_to_roles(model, queries, batch_size=batch_size).assign(model=name)
+        frames.append(attention_heads_table(aggregate_attention(raw)))
+    frame = pd.concat(frames, ignore_index=True)
+    frame.to_csv(out / "attention_heads.csv", index=False)
+    return frame
+
+
+def patching_stage(models: dict, examples: Sequence[Example], out: Path, n_pairs: int, batch_size: int) -> None:
+    """Query-box activation patching in the base model, and CMAP from the second model into it.
+
+    Writes ``patching_resid.csv`` (layer x position), ``patching_heads.csv`` (each head at the query
+    token) and ``cmap.csv`` (the base before/after receiving the donor's heads, per layer and for
+    the four heads that matter most in the base).
+    """
+    from boxprobe.patching import build_pairs, collate_pairs, cross_model_patch, patch_heads, patch_resid_pre
+
+    (base_name, base), *others = models.items()
+    pairs, stats = build_pairs(examples, "query-box", base, limit=n_pairs)
+    logger.info("patching pairs: %s", stats)
+    batch = collate_pairs(pairs, base.tokenizer.pad_token_id, base.cfg.device)
+    loop = {"max_batch": batch_size, "progress": False}
+    patch_resid_pre(base, batch, **loop).assign(model=base_name).to_csv(out / "patching_resid.csv", index=False)
+    heads = patch_heads(base, batch, positions="query_last", **loop).assign(model=base_name)
+    heads.to_csv(out / "patching_heads.csv", index=False)
+    if others:
+        donor_name, donor = others[0]
+        top = heads.nlargest(4, "value")
+        groups = {"top-4 heads of " + base_name: [(int(r.layer), int(r.head)) for r in top.itertuples()]}
+        cmap = cross_model_patch(base, donor, batch, groups, **loop)
+        cmap.assign(recipient=base_name, donor=donor_name).to_csv(out / "cmap.csv", index=False)
+
+
+def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
+    """Run the configured stages into ``cfg.out_dir``; returns the dashboard path (or the run dir)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    missing = [m for m in cfg.models if str(m).startswith(str(ASSETS)) and not Path(m).exists()]
+    if missing:
+        raise FileNotFoundError(f"Bundled model(s) missing: {', '.join(missing)}. They ship in assets/models of a "
+                                "full boxprobe checkout; pass other models with --models.")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    paths = generate_dataset(TaskConfig(seed=cfg.seed), out / "data", subsample_per_numops=cfg.per_numops)
+    data = paths["test-subsample"]
+    examples = read_examples(data)
+    models = {model_name(m): load_model(m) for m in cfg.models}
+    timings["data_and_models"] = time.perf_counter() - started
+    for stage in cfg.stages:
+        t0 = time.perf_counter()
+        if stage == "behaviour":
+            behaviour_stage(models, examples, out, cfg.batch_size)
+        elif stage == "probes":
+            probes_stage(cfg.models, data, out, cfg.batch_size)
+        elif stage == "attention":
+            attention_stage(models, examples, out, cfg.attention_queries, cfg.batch_size)
+        elif stage == "patching":
+            patching_stage(models, examples, out, cfg.patching_pairs, cfg.batch_size)
+        elif stage == "dashboard":
+            _write_run_info(cfg, models, timings, out)
+            dashboard_from_run(out)
+        timings[stage] = round(time.perf_counter() - t0, 2)
+        logger.info("stage %s done in %.1f s", stage, timings[stage])
+    timings["total"] = round(time.perf_counter() - started, 2)
+    _write_run_info(cfg, models, timings, out)
+    return out / "dashboard.html" if "dashboard" in cfg.stages else out
+
+
+def _write_run_info(cfg: DemoConfig, models: dict, timings: dict, out: Path) -> None:
+    infos = {name: model_info(m) for name, m in models.items()}
+    info = {
+        "models": list(models), "weight_mode": sorted({i.weight_mode for i in infos.values() if i}),
+        "revisions": {n: i.revision for n, i in infos.items() if i}, "boxprobe": __version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": asdict(cfg), "timings_s": timings,
+        "hardware": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
