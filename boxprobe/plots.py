@@ -298,7 +298,7 @@ def probe_heatmap(df: pd.DataFrame, model: str | None = None,
     """
     _require(df, ["layer", "numops", "value"], "probe_heatmap")
     return _heatmap_facets(df, "layer", "numops", "value", "probe_heatmap", model=model,
-                           title=title or f"Probe accuracy by layer and number of operations"
+                           title=title or "Probe accuracy by layer and number of operations"
                            + (f": {model}" if model else ""), x_title=LAYER_TITLE,
                            y_title=NUMOPS_TITLE, colorbar="accuracy", unit=True)
 

@@ -115,3 +115,32 @@ def make_tiny_checkpoint(
     if metadata is not None:
         (path / "boxprobe.json").write_text(json.dumps(metadata))
     return path
+
+
+TOY_METADATA = {"prompt_template": "toy", "prompt_format": "per-box"}
+
+
+def make_toy_checkpoint(path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=None, n_ctx=256, seed=0,
+                        init_std=None, metadata=TOY_METADATA, edit=None, tokenizer=None) -> Path:
+    """A random toy Llama with the toy tokenizer (or ``tokenizer``), saved like the bundled checkpoints.
+
+    ``init_std`` redraws every weight matrix from N(0, init_std): wider weights make attention and
+    logits far from uniform, so heads and answers differ. ``edit(model, tokenizer)`` may change
+    weights before saving.
+    """
+    from boxprobe.toy.tokenizer import build_tokenizer
+    from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+
+    tok = tokenizer if tokenizer is not None else build_tokenizer(str(path))
+    torch.manual_seed(seed)
+    shape = ModelShape(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp or 2 * d_model, n_ctx=n_ctx)
+    model = build_model(shape, len(tok), tok)
+    with torch.no_grad():
+        if init_std is not None:
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, init_std)
+        if edit is not None:
+            edit(model, tok)
+    save_checkpoint(model, tok, Path(path), metadata)
+    return Path(path)

@@ -29,23 +29,15 @@ from boxprobe.models import load_model
 from boxprobe.positions import batch_position_table
 from boxprobe.prompts import build_queries, load_template
 from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
-from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 N_LAYERS, N_HEADS = 2, 4
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("attn") / "ckpt"
-    tok = build_tokenizer(str(path))
-    torch.manual_seed(0)
-    hf = build_model(ModelShape(n_layers=N_LAYERS, d_model=32, n_heads=N_HEADS, d_mlp=64, n_ctx=256), len(tok), tok)
-    with torch.no_grad():  # wide weights: attention far from uniform, so heads differ
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    save_checkpoint(hf, tok, path, {"prompt_template": "toy", "prompt_format": "per-box"})
+    path = make_toy_checkpoint(tmp_path_factory.mktemp("attn") / "ckpt", n_layers=N_LAYERS, n_heads=N_HEADS,
+                               init_std=0.3)  # wide weights: attention far from uniform, so heads differ
     return load_model(path, device="cpu")
 
 

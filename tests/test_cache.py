@@ -23,28 +23,14 @@ from boxprobe.config import ConfigError
 from boxprobe.models import load_model
 from boxprobe.prompts import build_queries, load_template
 from boxprobe.task import TaskConfig, generate_sequences, render_description, sequence_examples
-from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 DATA = TaskConfig(num_boxes=3, num_samples=4, num_operations=4, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine thrash with several torch threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("toy") / "ckpt"
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(0)
-    net = build_model(ModelShape(n_layers=2, d_model=32, n_heads=4, d_mlp=64, n_ctx=256), len(tok), tok)
-    save_checkpoint(net, tok, directory, {"prompt_format": "per-box"})
+    directory = make_toy_checkpoint(tmp_path_factory.mktemp("toy") / "ckpt", d_mlp=64, metadata={"prompt_format": "per-box"})
     return load_model(directory, device="cpu")
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -17,36 +16,23 @@ from boxprobe.models import ModelLoadError, load_model
 from boxprobe.scoring import parse_contents
 from boxprobe.task import MASK, TaskConfig, generate_sequences, load_vocabulary, sequence_examples, write_examples
 from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 TOY_META = {"prompt_template": "toy", "prompt_format": "per-box"}
 
 
 def make_checkpoint(path, tok, n_ctx=512, boost_period=4.0, seed=0):
     """A random toy Llama; wide weights and a larger "." embedding make greedy answers varied and short."""
-    torch.manual_seed(seed)
-    model = build_model(ModelShape(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=n_ctx), len(tok), tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-        model.model.embed_tokens.weight[tok.convert_tokens_to_ids(".")] *= boost_period
-    save_checkpoint(model, tok, path, TOY_META)
-    return path
+    def boost(model, tokenizer):
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(".")] *= boost_period
+
+    return make_toy_checkpoint(path, d_model=64, d_mlp=128, n_ctx=n_ctx, seed=seed, init_std=0.2, metadata=TOY_META,
+                               edit=boost, tokenizer=tok)
 
 
 def task_examples(num_samples=4, num_operations=3, seed=1):
     cfg = TaskConfig(num_samples=num_samples, num_operations=num_operations, seed=seed)
     return [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,14 @@ from boxprobe.config import ConfigError
 from boxprobe.dashboard import dashboard_from_run
 from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
 from boxprobe.task import TaskConfig, generate_dataset
-from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 
 @pytest.fixture(scope="module")
 def toy_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_exp")
-    tok = build_tokenizer()
-    dirs = []
-    for name, seed in (("toy-a", 0), ("toy-b", 1)):
-        import torch
-        torch.manual_seed(seed)
-        model = build_model(ModelShape(n_layers=2, d_model=32, n_heads=2, d_mlp=64), len(tok), tok)
-        save_checkpoint(model, tok, root / name, {"prompt_template": "toy", "prompt_format": "per-box"})
-        dirs.append(str(root / name))
+    dirs = [str(make_toy_checkpoint(root / name, n_heads=2, d_mlp=64, n_ctx=512, seed=seed))
+            for name, seed in (("toy-a", 0), ("toy-b", 1))]
     data = generate_dataset(TaskConfig(num_samples=60, num_operations=3, seed=4), root / "data", subsample_per_numops=6)
     return dirs, str(data["test-subsample"]), root
 

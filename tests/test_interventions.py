@@ -11,23 +11,15 @@ from boxprobe.models import load_model
 from boxprobe.probe_metrics import nullspace_projection
 from boxprobe.prompts import build_queries, load_template
 from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
-from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 D_MODEL = 32
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("toy") / "ckpt"
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(0)
-    net = build_model(ModelShape(n_layers=2, d_model=D_MODEL, n_heads=4, d_mlp=64, n_ctx=256), len(tok), tok)
-    with torch.no_grad():  # widen the random init so output distributions are far from uniform
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    save_checkpoint(net, tok, directory, {"prompt_format": "per-box"})
+    # Wide weights, so output distributions are far from uniform.
+    directory = make_toy_checkpoint(tmp_path_factory.mktemp("toy") / "ckpt", d_model=D_MODEL, d_mlp=64, init_std=0.3)
     return load_model(directory, device="cpu")
 
 

@@ -19,7 +19,7 @@ from boxprobe.models import ModelMismatchError, load_model
 from boxprobe.pairs import PAIR_KINDS, build_pairs, collate_pairs
 from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
 from boxprobe.toy.tokenizer import build_tokenizer
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+from helpers import make_toy_checkpoint
 
 CFG = TaskConfig(num_boxes=4, num_samples=6, num_operations=1, seed=3)
 ATOL = 1e-5
@@ -27,14 +27,7 @@ ATOL = 1e-5
 
 def toy_checkpoint(path, d_model=64, seed=0):
     """A 2-layer, 4-head Llama with the toy tokenizer; weights widened so logits differ clearly."""
-    tok = build_tokenizer(str(path))
-    torch.manual_seed(seed)
-    model = build_model(ModelShape(n_layers=2, d_model=d_model, n_heads=4, d_mlp=2 * d_model, n_ctx=256), len(tok), tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    save_checkpoint(model, tok, path, {"prompt_template": "toy", "prompt_format": "per-box"})
+    make_toy_checkpoint(path, d_model=d_model, seed=seed, init_std=0.2)
     return path
 
 

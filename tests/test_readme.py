@@ -1,6 +1,5 @@
 """The README's Python examples run as written (on the bundled toy checkpoints)."""
 
-import os
 import re
 from pathlib import Path
 

@@ -6,9 +6,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from boxprobe.task import (

@@ -20,9 +20,11 @@ def main() -> None:
     parser.add_argument("config", type=Path)
     parser.add_argument("--max-seconds", type=float, default=None, help="stop (resumably) after this wall time")
     parser.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    parser.add_argument("--threads", type=int, default=None, help="override the config's torch threads")
     args = parser.parse_args()
     cfg = load_yaml_config(TrainConfig, args.config)
-    overrides = {k: v for k, v in {"max_seconds": args.max_seconds, "out_dir": args.out_dir}.items() if v is not None}
+    overrides = {k: v for k, v in {"max_seconds": args.max_seconds, "out_dir": args.out_dir,
+                                         "threads": args.threads}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
