@@ -77,7 +77,8 @@ class ProbeExperimentConfig:
     batch_size: int = 32
     """Prompts per forward pass when caching."""
     Cs: tuple[float, ...] = (0.01, 0.1, 1.0)
-    """Inverse L2 strengths tried per layer; the best on validation is used."""
+    """Inverse L2 strengths tried per layer (scikit-learn's C); the best on validation is used. Probes use
+    inverse-frequency ("balanced") class weights, since most objects are absent from most boxes."""
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     """Train / validation / test fractions of sample_ids."""
     random_init: str = "first"
@@ -254,7 +255,7 @@ class ProbeExperiment:
         feats = feats[target.rows]
         train, val, test = split_by_group(target.groups, cfg.split, seed=cfg.seed)
         chosen = select_C(feats[train], target.Y[train], feats[val], target.Y[val], list(cfg.Cs),
-                          estimator=LayerwiseMultiLabelProbe(), mask_train=target.mask[train],
+                          estimator=LayerwiseMultiLabelProbe(class_weight="balanced"), mask_train=target.mask[train],
                           mask_val=target.mask[val])
         probe = chosen.estimator
         proba = probe.predict_proba(feats[test]) if target.n_classes else None
@@ -264,7 +265,7 @@ class ProbeExperiment:
         rows = [self._accuracy_rows(model_name, target_name, kind, correct, target.groups[test])]
         if not random_init:
             control_Y = control_contents_labels(target.query_types, target.Y, target.mask, seed=cfg.seed)
-            control = LayerwiseMultiLabelProbe(C=chosen.C).fit(feats[train], control_Y[train], mask=target.mask[train])
+            control = LayerwiseMultiLabelProbe(C=chosen.C, class_weight="balanced").fit(feats[train], control_Y[train], mask=target.mask[train])
             ctrl_target = _Target(target.rows, control_Y, target.mask, target.groups, target.numops,
                                   target.query_types, target.n_classes)
             ctrl_proba = control.predict_proba(feats[test]) if target.n_classes else None
