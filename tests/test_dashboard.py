@@ -167,6 +167,13 @@ def js_errors(dom: str, log: str) -> list[str]:
 def test_browser_renders_every_figure_without_errors(tmp_path):
     _chromium()
     run, n = make_run_dir(tmp_path)
+    # The patching and attention head maps too: one figure per model, and per model and role.
+    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head=h, value=0.1 * (l - h)) for l in range(4) for h in range(8)]
+                 ).to_csv(run / "patching_heads.csv", index=False)
+    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head=h, role=r, mean=0.05 * (l + h))
+                  for r in ("queried_box_label", "correct_objects") for l in range(4) for h in range(8)]
+                 ).to_csv(run / "attention_heads.csv", index=False)
+    n += 3
     dom, log = render(dashboard_from_run(run), tmp_path)
     assert js_errors(dom, log) == []
     # plotly adds js-plotly-plot to a graph div once it has drawn it.
