@@ -36,6 +36,7 @@ import plotly.graph_objects as go
 from boxprobe import plots
 from boxprobe.cache import CacheConfig, build_cache, file_sha256, states_from_context
 from boxprobe.config import check_choice, from_dict
+from boxprobe.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
 from boxprobe.models import load_model, model_info
 from boxprobe.probe_metrics import (
     bootstrap_difference,
@@ -90,6 +91,10 @@ class ProbeExperimentConfig:
     """Seed of splits, controls and bootstraps."""
     device: str | None = None
     """Model device; None picks cuda when available."""
+    causal_check_layer: int | None = None
+    """If set, the causal check of the contents probe at this layer: project the INLP directions of the most
+    frequent answer object out of the query token's residual stream, against random directions of the
+    same norm (see :mod:`boxprobe.interventions`); writes ``causal_check.csv``."""
 
     def __post_init__(self) -> None:
         for target in self.targets:
@@ -204,14 +209,16 @@ class ProbeExperiment:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         examples = read_examples(cfg.data)
-        accuracy, heat, correct_by = [], [], {}
+        accuracy, heat, correct_by, causal = [], [], {}, []
         for i, name in enumerate(cfg.models):
             with_random = cfg.random_init == "all" or (cfg.random_init == "first" and i == 0)
             variants = [(False, "")] + ([(True, " (random init)")] if with_random else [])
             for random_init, suffix in variants:
                 model = load_model(name, device=cfg.device, random_init=random_init, seed=cfg.seed)
                 label = Path(str(name)).name + suffix
-                meta, X, contexts = self._cache(model, examples, label)
+                meta, X, contexts, reader, queries = self._cache(model, examples, label)
+                if cfg.causal_check_layer is not None and not random_init:
+                    causal.append(self._causal_check(model, reader, queries, label))
                 for target_name in cfg.targets:
                     acc, hm, correct, groups = self._probe(target_name, meta, X, contexts, label, random_init)
                     accuracy.append(acc)
@@ -225,6 +232,8 @@ class ProbeExperiment:
         for frame, file in ((accuracy, "probe_accuracy.csv"), (heat, "probe_heatmap.csv"),
                             (selectivity, "selectivity.csv"), (difference, "model_difference.csv")):
             frame.to_csv(self.out / file, index=False)
+        if causal:
+            pd.concat(causal, ignore_index=True).to_csv(self.out / "causal_check.csv", index=False)
         (self.out / "probe_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         return ProbeRun(self.out, accuracy, heat, selectivity, difference)
 
@@ -241,7 +250,21 @@ class ProbeExperiment:
         reader = build_cache(model, queries, self.out / "cache" / safe, cache_cfg, data_hash=file_sha256(cfg.data))
         X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
-        return meta, X, [q.examples[0].context for q in queries]
+        return meta, X, [q.examples[0].context for q in queries], reader, queries
+
+    def _causal_check(self, model, reader, queries, label: str) -> pd.DataFrame:
+        """INLP directions of the most frequent answer object, fit on train sample_ids, ablated on test ones."""
+        cfg = self.cfg
+        meta = reader.metadata("query_last").reset_index(drop=True)
+        train, _, test = split_by_group(meta["sample_id"].to_numpy(), cfg.split, seed=cfg.seed)
+        counts = pd.Series([o for gold in meta["gold"].iloc[train] for o in gold]).value_counts()
+        obj = str(counts.index[0])
+        directions = object_directions_from_cache(reader, obj, cfg.causal_check_layer, hook=cfg.hook,
+                                                  n_directions=2, items=train)
+        chosen = [i for i in test if obj in meta["gold"].iloc[i]]
+        checked = probe_causal_check(model, [queries[int(meta["query_index"].iloc[i])] for i in chosen],
+                                     [obj] * len(chosen), directions, layer=cfg.causal_check_layer, seed=cfg.seed)
+        return summarize_causal_check(checked).assign(model=label, object=obj, layer=cfg.causal_check_layer)
 
     def _probe(self, target_name: str, meta, X, contexts, label: str, random_init: bool):
         cfg = self.cfg

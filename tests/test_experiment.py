@@ -1,5 +1,6 @@
 """The probe experiment runs end to end on a tiny checkpoint and writes the dashboard's files."""
 
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
@@ -22,7 +23,7 @@ def toy_pair(tmp_path_factory):
 def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
     dirs, data, root = toy_pair
     cfg = ProbeExperimentConfig(models=tuple(dirs), data=data, out_dir=str(root / "run"), targets=("contents", "prior_1"),
-                                Cs=(0.1, 1.0), n_boot=50)
+                                Cs=(0.1, 1.0), n_boot=50, causal_check_layer=1)
     run = ProbeExperiment(cfg).run()
     acc = run.probe_accuracy
     assert set(acc.kind) == {"task", "control", "majority", "random-init"}
@@ -35,6 +36,8 @@ def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
     assert len(run.selectivity) == 2 * 2 * 2  # models x probes x layers
     for name in ("probe_accuracy.csv", "probe_heatmap.csv", "selectivity.csv", "model_difference.csv"):
         assert (root / "run" / name).exists()
+    causal = pd.read_csv(root / "run" / "causal_check.csv")
+    assert set(causal.condition) == {"none", "probe", "random"} and set(causal.model) == {"toy-a", "toy-b"}
     assert isinstance(run.plot_probe_accuracy(), go.Figure)
     assert isinstance(run.plot_heatmap("toy-a"), go.Figure)
     assert isinstance(run.plot_difference(), go.Figure)
