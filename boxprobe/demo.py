@@ -86,7 +86,7 @@ def probes_stage(model_paths: Sequence[str], data: Path, out: Path, batch_size: 
     """Contents and prior-state probes with controls and baselines -> ``probe_*.csv``."""
     cfg = ProbeExperimentConfig(models=tuple(model_paths), data=str(data), out_dir=str(out),
                                 targets=("contents", "prior_1"), batch_size=batch_size, n_boot=300,
-                                random_init="first", Cs=(0.1, 1.0), causal_check_layer=-1)
+                                random_init="first", Cs=(0.1, 1.0), causal_check_layer=1)
     ProbeExperiment(cfg).run()
 
 
