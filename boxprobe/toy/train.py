@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,8 +249,13 @@ def train(cfg: TrainConfig) -> Path:
 
     started = last_save = time.time()
     wall_at_start = progress["wall_s"]
+    stop_requested = []
+    # SIGTERM (e.g. a session ending) saves the state before stopping; handlers only work in the main thread.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(True)) for sig in (signal.SIGTERM,)
+                if in_main}
     model.train()
-    while progress["tokens"] < cfg.total_tokens:
+    while progress["tokens"] < cfg.total_tokens and not stop_requested:
         step = progress["step"]
         lr = cfg.learning_rate * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
         for group in optimizer.param_groups:
@@ -289,5 +296,9 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.max_seconds is not None and time.time() - started > cfg.max_seconds:
             log.info("max_seconds reached; saving and stopping (resume by running again)")
             break
+    if stop_requested:
+        log.info("SIGTERM received; saving and stopping (resume by running again)")
     save_state()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     return out / "checkpoint"

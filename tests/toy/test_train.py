@@ -52,3 +52,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_and_stops_resumably(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, dataclasses; sys.path.insert(0, sys.argv[2]); from test_train import short_recipe; "
+            "from boxprobe.toy.train import train; train(short_recipe(sys.argv[1], total_tokens=10**9))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), os.path.dirname(__file__)])
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "history.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert 0 < state["progress"]["tokens"] < 10**9
