@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from boxprobe.evaluate import _encode, _pad, _tokenize
+from boxprobe.decoding import encode_queries, pad_rows, tokenize_texts
 from boxprobe.models import model_label
 from boxprobe.positions import ROLES, batch_position_table
 from boxprobe.probe_metrics import inlp_directions, nullspace_projection, random_directions_like
@@ -65,7 +65,7 @@ def _prepare(model, queries: Sequence[Query], objects: Sequence[str], role: str 
                          "object (in that query's gold answer) per query.")
     if role is not None and role not in ROLES:
         raise ValueError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}, or None for every position.")
-    items = _encode(model, queries)
+    items = encode_queries(model, queries)
     where = []
     for i, (q, obj) in enumerate(zip(queries, objects)):
         m = re.search(rf"\b{re.escape(obj)}\b", q.continuation)
@@ -73,7 +73,7 @@ def _prepare(model, queries: Sequence[Query], objects: Sequence[str], role: str 
             raise ValueError(f"query {i}: object {obj!r} is not in its gold answer {q.continuation!r}; pass an object "
                              "of the queried box (the probe's target) for every query.")
         where.append(q.prompt + q.continuation[:m.start()].rstrip())  # BPE tokens carry their leading space
-    cuts = _tokenize(model, where)
+    cuts = tokenize_texts(model, where)
     table = batch_position_table(queries, model.tokenizer, padding_side="left") if role is not None else None
     raw = model.tokenizer([q.prompt for q in queries])["input_ids"] if role is not None else None
     out = []
@@ -114,7 +114,7 @@ def _measure(model, prepared: list[_Prepared], P: torch.Tensor | None, hook_name
     with torch.inference_mode():
         for start in range(0, len(prepared), batch_size):
             batch = prepared[start:start + batch_size]
-            ids, mask = _pad([b.prompt + b.gold[:-1] for b in batch], pad_id, "left", device)
+            ids, mask = pad_rows([b.prompt + b.gold[:-1] for b in batch], pad_id, "left", device)
             width = ids.shape[1]
             offsets = [width - len(b.prompt) - len(b.gold) + 1 for b in batch]
             if P is None:

@@ -147,8 +147,8 @@ class _Builder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.model is not None:
-            from boxprobe.evaluate import _tokenize  # the BOS rule evaluation uses
-            return _tokenize(self.model, texts)
+            from boxprobe.decoding import tokenize_texts  # the BOS rule evaluation uses
+            return tokenize_texts(self.model, texts)
         return [list(r) for r in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     def table(self, query: Query, n_ids: int) -> pd.DataFrame:

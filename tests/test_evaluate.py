@@ -137,12 +137,12 @@ def test_all_boxes_format(toy, examples):
 
 def test_all_boxes_fast_verdict_per_box_span(toy, examples):
     tok = toy.tokenizer
-    item = ev._encode(toy, ev.build_queries(examples[:7], ev.load_template("toy"), "all-boxes"))[0]
+    item = ev.encode_queries(toy, ev.build_queries(examples[:7], ev.load_template("toy"), "all-boxes"))[0]
     spans = item.spans
     assert len(spans) == 7 and spans[0][0] == 0 and spans[-1][1] == len(item.gold)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert tok.decode(item.gold[slice(*spans[1])]).startswith("Box 1 contains")
-    stops = ev._stop_ids(tok)
+    stops = ev.stop_ids(tok)
 
     def verdicts(argmax):
         rows = ev._rows(item, "fast", argmax, None, tok, stops)
@@ -178,7 +178,7 @@ def test_multi_token_objects_with_a_bpe_tokenizer(tmp_path):
     result = evaluate(model, examples, method="both", batch_size=7, progress=False)
     assert result.summary["agreement"]["exact_match"] == 1.0
     assert len(result.frame) == 28
-    item = ev._encode(model, ev.build_queries(examples[:1], ev.load_template("toy")))[0]
+    item = ev.encode_queries(model, ev.build_queries(examples[:1], ev.load_template("toy")))[0]
     assert tok.decode(item.gold) == examples[0].answer_text + "."
 
 
@@ -240,7 +240,7 @@ def test_too_long_prompt_fails_before_any_batch(tmp_path, examples, monkeypatch)
 
     def no_batches(*args, **kwargs):
         raise AssertionError("a batch ran before the length check")
-    monkeypatch.setattr(ev, "_fast_batch", no_batches)
+    monkeypatch.setattr(ev, "fast_batch", no_batches)
     with pytest.raises(ContextLengthError) as err:
         evaluate_file(model, data, tmp_path / "out")
     msg = str(err.value)
@@ -251,14 +251,14 @@ def test_too_long_prompt_fails_before_any_batch(tmp_path, examples, monkeypatch)
 
 
 def test_failed_batch_keeps_computed_rows(toy, data_file, tmp_path, monkeypatch):
-    real, calls = ev._fast_batch, []
+    real, calls = ev.fast_batch, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
-    monkeypatch.setattr(ev, "_fast_batch", flaky)
+    monkeypatch.setattr(ev, "fast_batch", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="device lost"):
         evaluate_file(toy, data_file, out, batch_size=7)

@@ -1,0 +1,240 @@
+"""Batched forward passes for evaluation: tokenizing queries, padding, the shared-context key-value cache,
+teacher-forced (fast) and greedy (generate) batches.
+
+TransformerBridge 4.3's attention bridges read the cache from the ``past_key_values`` keyword while
+transformers 5 passes it as ``cache``; the cache then stays empty and cached logits are silently
+wrong. :func:`cache_keyword_fix` copies the keyword while evaluation runs, and :func:`kv_cache_works`
+checks on the data that cached and uncached logits agree before the cache is relied on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.model_bridge import TransformerBridge
+
+from boxprobe.models import model_context_length, model_label
+from boxprobe.prompts import Query
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedQuery:
+    """One tokenized query: prompt, gold continuation and each example's span of the gold."""
+
+    query: Query
+    prompt: list[int]
+    gold: list[int]
+    spans: list[tuple[int, int]]
+
+
+# -- tokenization ---------------------------------------------------------------------------------
+
+
+def tokenize_texts(model: TransformerBridge, texts: Sequence[str]) -> list[list[int]]:
+    # Same BOS rule as model.to_tokens, without padding or silent truncation.
+    tok, cfg = model.tokenizer, model.cfg
+    ids = tok(list(texts), add_special_tokens=True)["input_ids"]
+    want, has = getattr(cfg, "default_prepend_bos", True), getattr(cfg, "tokenizer_prepends_bos", True)
+    if want and not has and tok.bos_token_id is not None:
+        return [[tok.bos_token_id, *row] for row in ids]
+    if has and not want:
+        return [row[1:] if row and row[0] == tok.bos_token_id else row for row in ids]
+    return ids
+
+
+def encode_queries(model: TransformerBridge, queries: Sequence[Query]) -> list[EncodedQuery]:
+    prompts = tokenize_texts(model, [q.prompt for q in queries])
+    fulls = tokenize_texts(model, [q.prompt + q.continuation for q in queries])
+    items = []
+    for q, prompt, full in zip(queries, prompts, fulls):
+        if full[: len(prompt)] != prompt or len(full) == len(prompt):
+            raise ValueError(f"The tokenizer of {model_label(model)} merges the prompt's last token with the answer "
+                             f"({q.prompt[-30:]!r} + {q.continuation[:30]!r}); the answer cannot be scored token by token.")
+        gold = full[len(prompt):]
+        spans = [(0, len(gold))]
+        if q.prompt_format == "all-boxes" and len(q.examples) > 1:
+            # Box k's span ends with the "," (or final ".") after its answer; find it by tokenizing prefixes.
+            ends, pos = [], len(f" {q.examples[0].answer_text}")
+            for ex in q.examples[1:]:
+                ends.append(pos + 1)
+                pos += len(f", {ex.statement_prefix} {ex.answer_text}")
+            cuts = tokenize_texts(model, [q.prompt + q.continuation[:e] for e in ends])
+            bounds = [0] + [len(c) - len(prompt) for c in cuts] + [len(gold)]
+            if any(c != full[: len(c)] for c in cuts) or bounds != sorted(bounds):
+                raise ValueError(f"The tokenizer of {model_label(model)} merges tokens across box boundaries in "
+                                 f"{q.continuation[:60]!r}...; per-box fast verdicts are undefined. Use method='generate'.")
+            spans = list(zip(bounds[:-1], bounds[1:]))
+        items.append(EncodedQuery(q, prompt, gold, spans))
+    return items
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """Tokens that end a generation: any whose text holds "." or a newline, and EOS."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    stops = {i for i, t in enumerate(texts) if "." in t or "\n" in t}
+    return stops | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+# -- key-value cache -------------------------------------------------------------------------------
+
+
+@contextmanager
+def cache_keyword_fix(model: TransformerBridge) -> Iterator[None]:
+    """While active, hand transformers 5's ``cache=`` keyword to TransformerBridge attention as ``past_key_values``."""
+
+    def copy_keyword(module, args, kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(copy_keyword, with_kwargs=True)
+               for m in model.modules() if hasattr(m, "_update_kv_cache")]
+    try:
+        with warnings.catch_warnings():  # the bridge still passes transformers the old keyword name
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str,
+         device) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_logits(model, ids, mask, cache=None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+    if cache is None:
+        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+    return model(ids, attention_mask=mask, past_key_values=cache), cache
+
+
+def kv_cache_works(model: TransformerBridge, tokens: Sequence[int]) -> bool:
+    """Whether logits computed through the key-value cache match a plain forward on ``tokens``."""
+    tokens = list(tokens)[:64]
+    if len(tokens) < 2:
+        return False
+    device, half = model.cfg.device, len(tokens) // 2
+    ids = torch.tensor([tokens], device=device)
+    ones = torch.ones_like(ids)
+    try:
+        with torch.inference_mode(), cache_keyword_fix(model):
+            ref = model(ids, attention_mask=ones)
+            _, cache = forward_logits(model, ids[:, :half], ones[:, :half])
+            cached, _ = forward_logits(model, ids[:, half:], ones, cache)
+    except Exception as err:  # an architecture whose bridge has no cache support
+        logger.warning("key-value cache unavailable for %s (%s); evaluating without it", model_label(model), err)
+        return False
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(cached.float(), ref[:, half:].float(), atol=tol * ref.float().abs().max().item(), rtol=0))
+
+
+# -- batched passes -------------------------------------------------------------------------------
+
+
+def prefix_cache(model, chunks: list[list[EncodedQuery]], shared: list[int], pad_id: int):
+    """Run each chunk's shared prefix once; return the cache expanded to one row per item and its mask."""
+    ids, mask = pad_rows([c[0].prompt[:p] for c, p in zip(chunks, shared)], pad_id, "left", model.cfg.device)
+    _, cache = forward_logits(model, ids, mask)
+    rows = torch.tensor([i for i, c in enumerate(chunks) for _ in c], device=ids.device)
+    cache.reorder_cache(rows)
+    return cache, mask[rows]
+
+
+def shared_lengths(chunks: list[list[EncodedQuery]], reuse: bool) -> list[int]:
+    out = []
+    for c in chunks:
+        n = min(len(it.prompt) for it in c) - 1  # keep one prompt token per query for the suffix pass
+        for it in c[1:]:
+            n = next((i for i, (a, b) in enumerate(zip(c[0].prompt[:n], it.prompt)) if a != b), n)
+        out.append(n if reuse else 0)
+    return out
+
+
+def fast_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, pad_id: int) -> list[list[int]]:
+    """Per item, the argmax token at each gold position, with the gold teacher-forced (one pass)."""
+    items = [it for c in chunks for it in c]
+    shared = shared_lengths(chunks, reuse)
+    p_of = [p for c, p in zip(chunks, shared) for _ in c]
+    rows = [it.prompt[p:] + it.gold[:-1] for it, p in zip(items, p_of)]
+    if reuse:
+        cache, pmask = prefix_cache(model, chunks, shared, pad_id)
+        ids, mask = pad_rows(rows, pad_id, "right", model.cfg.device)
+        logits, _ = forward_logits(model, ids, torch.cat([pmask, mask], 1), cache)
+        starts = [len(it.prompt) - p - 1 for it, p in zip(items, p_of)]
+    else:
+        ids, mask = pad_rows(rows, pad_id, "left", model.cfg.device)
+        logits = model(ids, attention_mask=mask)
+        starts = [ids.shape[1] - len(it.gold) for it in items]
+    top = logits.argmax(-1).cpu()
+    return [top[i, s: s + len(it.gold)].tolist() for i, (it, s) in enumerate(zip(items, starts))]
+
+
+def generate_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, use_cache: bool, pad_id: int,
+                    max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Greedy continuations, each up to and including its first stop token."""
+    items = [it for c in chunks for it in c]
+    device, n_ctx = model.cfg.device, model_context_length(model)
+    shared = shared_lengths(chunks, reuse and use_cache)
+    p_of = [p for c, p in zip(chunks, shared) for _ in c]
+    ids, mask = pad_rows([it.prompt[p:] for it, p in zip(items, p_of)], pad_id, "left", device)
+    if reuse and use_cache:
+        cache, pmask = prefix_cache(model, chunks, shared, pad_id)
+        mask = torch.cat([pmask, mask], 1)
+        logits, cache = forward_logits(model, ids, mask, cache)
+    elif use_cache:
+        logits, cache = forward_logits(model, ids, mask)
+    else:
+        logits, cache = model(ids, attention_mask=mask), None
+    limits = [min(max_new_tokens, n_ctx - len(it.prompt) + 1) for it in items]  # the last token is never input
+    out: list[list[int]] = [[] for _ in items]
+    done = [lim <= 0 for lim in limits]
+    stop_t = torch.tensor(sorted(stops), device=device)
+    while True:
+        nxt = logits[:, -1].argmax(-1)
+        is_stop = torch.isin(nxt, stop_t).tolist()
+        for i, tok in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = is_stop[i] or len(out[i]) >= limits[i]
+        if all(done):
+            return out
+        step = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad_id), nxt)[:, None]
+        mask = torch.cat([mask, torch.ones_like(step)], 1)
+        if cache is not None:
+            logits, _ = forward_logits(model, step, mask, cache)
+        else:
+            ids = torch.cat([ids, step], 1)
+            logits = model(ids, attention_mask=mask)
+
+
+def batches_by_context(items: list[EncodedQuery], batch_size: int) -> list[list[list[EncodedQuery]]]:
+    """Group consecutive queries of one context into chunks (at most batch_size), chunks into batches."""
+    chunks: list[list[EncodedQuery]] = []
+    for it in items:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < batch_size and last[0].query.examples[0].context == it.query.examples[0].context:
+            last.append(it)
+        else:
+            chunks.append([it])
+    batches, current = [], []
+    for c in chunks:
+        if current and sum(map(len, current)) + len(c) > batch_size:
+            batches.append(current)
+            current = []
+        current.append(c)
+    return batches + ([current] if current else [])
