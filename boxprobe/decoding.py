@@ -107,7 +107,7 @@ def cache_keyword_fix(model: TransformerBridge) -> Iterator[None]:
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str,
-         device) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+             device) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -185,7 +185,7 @@ def fast_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, pad_id: int
 
 
 def generate_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, use_cache: bool, pad_id: int,
-                    max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+                   max_new_tokens: int, stops: set[int]) -> list[list[int]]:
     """Greedy continuations, each up to and including its first stop token."""
     items = [it for c in chunks for it in c]
     device, n_ctx = model.cfg.device, model_context_length(model)
