@@ -257,8 +257,13 @@ class ProbeExperiment:
         cfg = self.cfg
         meta = reader.metadata("query_last").reset_index(drop=True)
         train, _, test = split_by_group(meta["sample_id"].to_numpy(), cfg.split, seed=cfg.seed)
-        counts = pd.Series([o for gold in meta["gold"].iloc[train] for o in gold]).value_counts()
-        obj = str(counts.index[0])
+        in_train = pd.Series([o for gold in meta["gold"].iloc[train] for o in gold]).value_counts()
+        in_test = pd.Series([o for gold in meta["gold"].iloc[test] for o in gold]).value_counts()
+        both = pd.concat([in_train, in_test], axis=1, join="inner").min(axis=1).sort_values(ascending=False, kind="stable")
+        if both.empty:
+            logger.warning("causal check of %s skipped: no answer object occurs in both train and test items", label)
+            return pd.DataFrame()
+        obj = str(both.index[0])  # the object with the most examples on both sides of the split
         directions = object_directions_from_cache(reader, obj, cfg.causal_check_layer, hook=cfg.hook,
                                                   n_directions=2, items=train)
         chosen = [i for i in test if obj in meta["gold"].iloc[i]]
