@@ -102,4 +102,14 @@ format. Load it like any checkpoint: `boxprobe.models.load_model("assets/models/
 
 ## Accuracy by number of operations (greedy exact match, 95% normal intervals)
 {markdown_table(accuracy[accuracy.model == name], baseline)}
+
+Against always answering "nothing" (the bar for toy-base: at least 2x at numops 1, 2 and 3, and
+at least 0.90 at numops 0): {_ratios(accuracy[accuracy.model == name], baseline)}.
+Evaluated on a fresh standard test subsample (`boxprobe generate` defaults, seed 2255) by
+`experiments/toy_pretraining/report.py`.
 """
+
+
+def _ratios(accuracy: pd.DataFrame, baseline: pd.DataFrame) -> str:
+    merged = accuracy.merge(baseline, on="numops")
+    return ", ".join(f"numops {int(r.numops)}: {r.accuracy / r.always_nothing:.2f}x" for r in merged.itertuples())
