@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,7 +18,6 @@ def test_readme_has_the_two_commands():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.skipif(not (ROOT / "assets" / "models" / "toy-base").exists(), reason="bundled toy models not present")
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     (tmp_path / "assets").symlink_to(ROOT / "assets")
     monkeypatch.chdir(tmp_path)
