@@ -30,16 +30,11 @@ from boxprobe.cache import CacheConfig, build_cache  # noqa: E402
 from boxprobe.models import load_model  # noqa: E402
 from boxprobe.prompts import build_queries, load_template  # noqa: E402
 from boxprobe.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
-from boxprobe.toy.tokenizer import build_tokenizer  # noqa: E402
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint  # noqa: E402
+from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def toy_checkpoint(directory: Path, n_layers: int) -> Path:
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(0)
-    model = build_model(ModelShape(n_layers=n_layers, d_model=128, n_heads=8, d_mlp=512), len(tok), tok)
-    save_checkpoint(model, tok, directory, {"prompt_format": "per-box", "prompt_template": "toy"})
-    return directory
+    return save_random_checkpoint(directory, ModelShape(n_layers=n_layers, d_model=128, n_heads=8, d_mlp=512))
 
 
 def sample_queries(n: int, seed: int):

@@ -27,16 +27,11 @@ import torch  # noqa: E402
 from boxprobe.evaluate import evaluate  # noqa: E402
 from boxprobe.models import load_model  # noqa: E402
 from boxprobe.task import TaskConfig, generate_dataset, read_examples  # noqa: E402
-from boxprobe.toy.tokenizer import build_tokenizer  # noqa: E402
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint  # noqa: E402
+from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def random_toy_model(directory: Path) -> Path:
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(0)
-    model = build_model(ModelShape(n_layers=2, d_model=128, n_heads=8, d_mlp=512), len(tok), tok)
-    save_checkpoint(model, tok, directory, {"prompt_template": "toy", "prompt_format": "per-box"})
-    return directory
+    return save_random_checkpoint(directory, ModelShape(n_layers=2, d_model=128, n_heads=8, d_mlp=512))
 
 
 def timed(model, examples, method: str, args, **kwargs) -> tuple[float, object]:

@@ -36,16 +36,11 @@ from boxprobe.models import load_model  # noqa: E402
 from boxprobe.pairs import build_pairs, collate_pairs  # noqa: E402
 from boxprobe.patching import logit_diff, patch_resid_pre  # noqa: E402
 from boxprobe.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
-from boxprobe.toy.tokenizer import build_tokenizer  # noqa: E402
-from boxprobe.toy.train import ModelShape, build_model, save_checkpoint  # noqa: E402
+from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def random_toy_model(directory: Path) -> Path:
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(0)
-    model = build_model(ModelShape(n_layers=4, d_model=128, n_heads=8, d_mlp=512), len(tok), tok)
-    save_checkpoint(model, tok, directory, {"prompt_template": "toy", "prompt_format": "per-box"})
-    return directory
+    return save_random_checkpoint(directory, ModelShape(n_layers=4, d_model=128, n_heads=8, d_mlp=512))
 
 
 def equal_length_batch(model, kind: str, n_pairs: int, seed: int):

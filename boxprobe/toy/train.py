@@ -185,6 +185,19 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer, directory: Path, metadat
         tmp.rename(directory)
 
 
+TOY_METADATA = {"prompt_template": "toy", "prompt_format": "per-box"}
+
+
+def save_random_checkpoint(directory: str | Path, shape: ModelShape = ModelShape(), seed: int = 0,
+                           metadata: dict | None = None) -> Path:
+    """An untrained toy checkpoint (toy tokenizer, seeded init) in the bundled models' format."""
+    directory = Path(directory)
+    tok = build_tokenizer(str(directory))
+    torch.manual_seed(seed)
+    save_checkpoint(build_model(shape, len(tok), tok), tok, directory, TOY_METADATA if metadata is None else metadata)
+    return directory
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the directory of the latest HF checkpoint."""
     out = Path(cfg.out_dir)
