@@ -8,9 +8,18 @@ with a strength that grows with depth), or real ones: --cache DIR (a boxprobe.ca
 --hook at --role, labels from the metadata column --label, split by sample_id) or --features (an .npz with
 X [n_items, n_layers, d_model] and y [n_items], or a directory holding X.npy and y.npy).
 
+``--label gold`` (or any column of object lists) benchmarks the queried-box contents probe, the library's
+main one: a multi-label probe with one binary output per object, counted only where the object is mentioned
+(``LayerwiseMultiLabelProbe``, balanced class weights), against sklearn fitted per layer *and* object on the
+mentioned items. A problem sklearn cannot fit (one class only) predicts that class, on both sides.
+
+Both sides are also scored on the objective they minimise (float64, summed over layers and outputs), so a
+speed-up bought by stopping early, or an accuracy gap caused by sklearn hitting max_iter, shows.
+
 Last line: ``ratio=<sklearn time / our time> accuracy_gap=<max over layers of |test acc difference| in points>``.
 
     .venv/bin/python benchmarks/probe_speed.py [--n-items 3000 --n-layers 5 --d-model 128 --n-classes 8]
+    .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label gold
 """
 
 from __future__ import annotations
@@ -21,13 +30,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
 from boxprobe.probe_metrics import split_by_group
-from boxprobe.probes import LayerwiseLogisticProbe
+from boxprobe.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
 
 
 def synthetic_cache(n_items: int, n_layers: int, d_model: int, n_classes: int, seed: int, isotropic: bool = False):
@@ -58,16 +70,36 @@ def load_features(path: Path):
 
 
 def load_cache(directory: Path, hook: str, role: str, label: str):
+    """(X, y, groups, mask): y [n] for a scalar column; for a column of object lists, y [n, n_objects] in/out
+    with mask [n, n_objects] = the object is mentioned in the context (the contents probe's counted cells)."""
     from boxprobe.cache import open_cache  # only needed for real caches
+    from boxprobe.probe_metrics import contents_labels, mentioned_mask
 
     cache = open_cache(directory)
     meta = cache.metadata(role)
     if label not in meta:
         raise SystemExit(f"--label {label!r} is not a metadata column of {directory}; columns: {', '.join(meta)}")
-    keep = meta[label].notna().to_numpy()
+    keep = meta[label].map(lambda v: v is not None and v is not pd.NA and v == v if np.isscalar(v) else True)
+    keep = keep.to_numpy(bool)
     X = cache.activations(hook, role).float().numpy()[keep]
-    groups = meta["sample_id"].to_numpy()[keep] if "sample_id" in meta else None
-    return X, meta[label].to_numpy()[keep].astype(str), groups
+    meta = meta[keep]
+    groups = meta["sample_id"].to_numpy() if "sample_id" in meta else None
+    if meta[label].map(np.isscalar).all():
+        return X, meta[label].to_numpy().astype(str), groups, None
+    vocab = sorted({obj for objects in meta["mentioned"] for obj in objects})
+    return X, contents_labels(meta[label], vocab), groups, mentioned_mask(meta["mentioned"], vocab)
+
+
+def objective(coef, intercept, X, y, C, sample_weight=None) -> float:
+    """sklearn's LogisticRegression objective (float64) at (coef [K, d], intercept [K]) for one problem."""
+    logits = X.astype(np.float64) @ coef.T + intercept
+    sw = np.ones(len(y)) if sample_weight is None else sample_weight
+    if coef.shape[0] == 1:
+        z = logits[:, 0]
+        loss = np.logaddexp(0, z) - (y == 1) * z
+    else:
+        loss = logsumexp(logits, 1) - logits[np.arange(len(y)), y]
+    return float((sw * loss).sum() / sw.sum() + 0.5 / (C * sw.sum()) * (coef**2).sum())
 
 
 def best_time(fn, repeats: int):
@@ -77,6 +109,23 @@ def best_time(fn, repeats: int):
         out = fn()
         times.append(time.perf_counter() - start)
     return min(times), out
+
+
+class _Constant:
+    """What a user does where sklearn refuses to fit (one class in the training items): predict that class."""
+
+    def __init__(self, value):
+        self.value, self.coef_, self.intercept_ = value, None, None
+        self.n_iter_ = np.zeros(1, int)
+
+    def predict(self, X):
+        return np.full(len(X), self.value)
+
+
+def sklearn_fit(X, y, C, tol, max_iter, class_weight=None):
+    if len(np.unique(y)) < 2:
+        return _Constant(y[0])
+    return LogisticRegression(C=C, tol=tol, max_iter=max_iter, class_weight=class_weight).fit(X, y)
 
 
 def main() -> None:
@@ -101,9 +150,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    groups = None
+    groups = mask = None
     if args.cache is not None:
-        X, y, groups = load_cache(args.cache, args.hook, args.role, args.label)
+        X, y, groups, mask = load_cache(args.cache, args.hook, args.role, args.label)
         source = f"{args.cache} ({args.hook} at {args.role} -> {args.label})"
     elif args.features is not None:
         X, y = load_features(args.features)
@@ -116,45 +165,82 @@ def main() -> None:
     else:
         order = np.random.default_rng(args.seed).permutation(len(y))
         train, test = order[: int(len(y) * 2 / 3)], order[int(len(y) * 2 / 3):]
-    X_train, X_test, y_train, y_test = X[train], X[test], y[train], y[test]
+    multilabel = mask is not None
     n_layers = X.shape[1]
-    print(f"features: {source}, X {X.shape}, {len(np.unique(y))} classes, train {len(train)}, test {len(test)}")
-    print(f"settings: C={args.C}, tol={args.tol}, max_iter={args.max_iter}, lbfgs; "
+    # One sklearn problem per layer (multi-class) or per (layer, object) on its mentioned items (multi-label).
+    outputs = range(y.shape[1]) if multilabel else [None]
+    cells = {o: (train[mask[train, o]], test[mask[test, o]]) if multilabel else (train, test) for o in outputs}
+    targets = {o: y[:, o].astype(int) if multilabel else y for o in outputs}
+    class_weight = "balanced" if multilabel else None
+    what = f"{y.shape[1]} objects (multi-label, mentioned cells)" if multilabel else f"{len(np.unique(y))} classes"
+    print(f"features: {source}, X {X.shape}, {what}, train {len(train)}, test {len(test)}")
+    print(f"settings: C={args.C}, tol={args.tol}, max_iter={args.max_iter}, lbfgs, class_weight={class_weight}; "
           f"single-threaded: torch.set_num_threads(1), sklearn BLAS/OpenMP limited to 1 thread")
 
-    ours = LayerwiseLogisticProbe(C=args.C, tol=args.tol, max_iter=args.max_iter, device=args.device,
-                                  precondition=args.precondition)
+    if multilabel:
+        ours = LayerwiseMultiLabelProbe(C=args.C, tol=args.tol, max_iter=args.max_iter, device=args.device,
+                                        precondition=args.precondition, class_weight=class_weight)
+        fit_ours = lambda: ours.fit(X[train], y[train], mask[train])  # noqa: E731
+    else:
+        ours = LayerwiseLogisticProbe(C=args.C, tol=args.tol, max_iter=args.max_iter, device=args.device,
+                                      precondition=args.precondition)
+        fit_ours = lambda: ours.fit(X[train], y[train])  # noqa: E731
 
     def fit_sklearn():
-        models = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            for layer in range(n_layers):
-                models.append(LogisticRegression(C=args.C, tol=args.tol, max_iter=args.max_iter)
-                              .fit(X_train[:, layer], y_train))
+            models = {(layer, o): sklearn_fit(X[cells[o][0], layer], targets[o][cells[o][0]], args.C, args.tol,
+                                              args.max_iter, class_weight)
+                      for layer in range(n_layers) for o in outputs}
         return models, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
 
     with threadpool_limits(limits=1):
         # Warm both up once (imports, allocator, LAPACK, thread pools) on a small slice, untimed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            LogisticRegression().fit(X_train[:200, 0], y_train[:200])
-        LayerwiseLogisticProbe(device=args.device, precondition=args.precondition).fit(X_train[:200, :1], y_train[:200])
+            LogisticRegression().fit(X[train[:200], 0], np.arange(200) % 2)
+        LayerwiseLogisticProbe(device=args.device, precondition=args.precondition).fit(
+            X[train[:200], :1], np.arange(200) % 2)
         t_sk, (models, n_unconverged) = best_time(fit_sklearn, args.repeats)
-        t_ours, _ = best_time(lambda: ours.fit(X_train, y_train), args.repeats)
+        t_ours, _ = best_time(fit_ours, args.repeats)
 
-    acc_sk = np.array([m.score(X_test[:, layer], y_test) for layer, m in enumerate(models)])
-    acc_ours = ours.score(X_test, y_test)
-    sk_pred = np.stack([m.predict(X_test[:, layer]) for layer, m in enumerate(models)], 1)
-    agree = (sk_pred == ours.predict(X_test)).mean(0)
-    print(f"{'layer':>5} {'sklearn acc':>11} {'ours acc':>9} {'agree':>6} {'sk n_iter':>9}")
+    # Test accuracy over counted cells, and each side's objective, per layer.
+    rows = []
+    ours_pred = ours.predict(X[test])  # [n_test, L] or [n_test, L, n_objects]
+    position = {item: i for i, item in enumerate(test)}
     for layer in range(n_layers):
-        print(f"{layer:>5} {100 * acc_sk[layer]:>11.2f} {100 * acc_ours[layer]:>9.2f} {100 * agree[layer]:>6.1f} "
-              f"{int(models[layer].n_iter_[0]):>9}")
-    print(f"sklearn loop: {t_sk:.3f} s ({n_unconverged} layer fits hit max_iter); ours ({args.device}, "
+        right_sk = right_ours = agree = total = 0
+        obj_sk = obj_ours = 0.0
+        for o in outputs:
+            tr, te = cells[o]
+            if len(te):
+                pred_sk = models[layer, o].predict(X[te, layer])
+                idx = [position[i] for i in te]
+                pred_ours = (ours_pred[idx, layer, o] if multilabel else ours_pred[idx, layer]).astype(pred_sk.dtype)
+                right_sk += (pred_sk == targets[o][te]).sum()
+                right_ours += (pred_ours == targets[o][te]).sum()
+                agree += (pred_sk == pred_ours).sum()
+                total += len(te)
+            m = models[layer, o]
+            if m.coef_ is not None:  # compare objectives where sklearn fitted a problem
+                y_idx = np.searchsorted(m.classes_, targets[o][tr])
+                sw = compute_sample_weight(class_weight, y_idx) if class_weight else None
+                coef = ours.coef_[layer, o:o + 1] if multilabel else ours.coef_[layer]
+                icpt = ours.intercept_[layer, o:o + 1] if multilabel else ours.intercept_[layer]
+                obj_sk += objective(m.coef_, m.intercept_, X[tr, layer], y_idx, args.C, sw)
+                obj_ours += objective(coef, icpt, X[tr, layer], y_idx, args.C, sw)
+        n_iter_sk = max(int(models[layer, o].n_iter_.max()) for o in outputs)
+        rows.append((layer, right_sk / total, right_ours / total, agree / total, n_iter_sk, obj_sk, obj_ours))
+    print(f"{'layer':>5} {'sklearn acc':>11} {'ours acc':>9} {'agree':>6} {'sk n_iter':>9} {'sk objective':>13} "
+          f"{'our objective':>13}")
+    for layer, acc_sk, acc_ours, agree, n_iter_sk, obj_sk, obj_ours in rows:
+        print(f"{layer:>5} {100 * acc_sk:>11.2f} {100 * acc_ours:>9.2f} {100 * agree:>6.1f} {n_iter_sk:>9} "
+              f"{obj_sk:>13.6f} {obj_ours:>13.6f}")
+    n_fits = len(models)
+    print(f"sklearn loop: {t_sk:.3f} s for {n_fits} fits ({n_unconverged} hit max_iter); ours ({args.device}, "
           f"precondition={args.precondition}): {t_ours:.3f} s, {int(ours.n_iter_.max())} iterations (max over layers)")
     ratio = t_sk / t_ours
-    gap = 100 * np.abs(acc_sk - acc_ours).max()
+    gap = 100 * max(abs(r[1] - r[2]) for r in rows)
     print(f"ratio={ratio:.2f} accuracy_gap={gap:.2f}")
 
 

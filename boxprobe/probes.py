@@ -9,12 +9,9 @@ with ``s_i`` the sample (class) weights, so ``s_i = 1`` gives ``l2 = 1 / (C * n_
 means the same solution as ``LogisticRegression(C=C)``. Intercepts are not penalised. Binary targets use one
 logit (sklearn's binary parametrisation); three or more classes use the multinomial (softmax) loss.
 
-Why it is fast: every layer (and output) is one slice of a batched matmul; a batched L-BFGS gives each
-independent problem its own curvature history, line search and stopping test (``torch.optim.LBFGS`` on the
-summed loss couples them through one shared step and, in float32, stalls once the summed loss hides the
-small problems' progress); and the solver works in exactly re-parametrised coordinates (centred, whitened
-features; ``precondition``), which leave the objective and its optimum unchanged but cut iterations several-
-fold on anisotropic residual-stream features. ``tol`` is the max-abs gradient tolerance in those coordinates.
+The solver (batched L-BFGS or Adam, preconditioning, dropping finished problems) is in
+:mod:`boxprobe.probe_solver`. ``tol`` means what it means in sklearn: the max-abs gradient with respect to the
+coefficients and intercepts.
 """
 
 from __future__ import annotations
@@ -28,6 +25,9 @@ import torch
 from jaxtyping import Bool, Float, Shaped
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
+
+from boxprobe import probe_solver
+from boxprobe.probe_solver import LogisticTargets
 
 logger = logging.getLogger(__name__)
 
@@ -57,125 +57,6 @@ def _layer_block(X: Array, sl: slice, device, dtype) -> Float[torch.Tensor, "lay
     """Layers ``sl`` of X as a [layer, n_items, d_model] tensor on ``device`` (copies only that slice)."""
     block = X[:, sl] if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X[:, sl]))
     return block.to(device=device, dtype=dtype).transpose(0, 1).contiguous()
-
-
-class _Problem(NamedTuple):
-    """Targets of a batched logistic problem with K logits per layer; all tensors over [K, n_items]."""
-
-    targets: torch.Tensor  # one-hot [K, n] (softmax) or 0/1 [K, n] (sigmoid)
-    weights: torch.Tensor  # [1, n] (softmax) or [K, n]; normalised so each logit group sums to 1
-    l2: torch.Tensor  # [L, K, 1] penalty strength per layer (and output)
-    softmax: bool
-
-
-def _lbfgs(fg, x, tol: float, max_iter: int, history: int = 10, max_ls: int = 25):
-    """L-BFGS on P independent problems at once: ``fg(x [P, m]) -> (f [P], g [P, m])``.
-
-    Each problem keeps its own curvature pairs, Armijo backtracking step and stopping test (max |g| <= tol),
-    so one slow or ill-conditioned problem neither couples nor delays the others' convergence.
-    Returns (x, n_iter per problem).
-    """
-    f, g = fg(x)
-    P, m = x.shape
-    S, Yh = x.new_zeros(history, P, m), x.new_zeros(history, P, m)
-    rho = x.new_zeros(history, P)  # 0 marks an empty or rejected pair: a no-op in the two-loop recursion
-    gamma = (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)  # torch's first step: min(1, 1/|g|_1)
-    active = g.abs().amax(1) > tol
-    n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
-    for it in range(max_iter):
-        if not active.any():
-            break
-        q, alphas = g.clone(), []
-        slots = [(it - 1 - j) % history for j in range(min(it, history))]  # newest first
-        for j in slots:
-            a = rho[j] * (S[j] * q).sum(1)
-            q -= a[:, None] * Yh[j]
-            alphas.append(a)
-        q *= gamma[:, None]
-        for j, a in zip(reversed(slots), reversed(alphas)):
-            q += (a - rho[j] * (Yh[j] * q).sum(1))[:, None] * S[j]
-        d = torch.where(active[:, None], -q, 0)
-        gd = (g * d).sum(1)
-        uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
-        d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
-        gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
-        t = torch.ones(P, dtype=x.dtype, device=x.device)
-        for _ in range(max_ls):
-            f_new, g_new = fg(x + t[:, None] * d)
-            ok = ~active | (f_new <= f + 1e-4 * t * gd)
-            if ok.all():
-                break
-            t = torch.where(ok, t, 0.5 * t)
-        t = torch.where(ok, t, 0)  # no decrease found (precision floor): the problem stops where it is
-        if not ok.all():
-            f_new, g_new = fg(x + t[:, None] * d)
-        s, y = t[:, None] * d, g_new - g
-        sy, yy = (s * y).sum(1), (y * y).sum(1)
-        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
-        slot = it % history
-        S[slot], Yh[slot], rho[slot] = s, y, torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
-        gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
-        x, f, g = x + s, f_new, g_new
-        n_iter += active.long()
-        active = active & ok & (g.abs().amax(1) > tol)
-    return x, n_iter
-
-
-def _solve(Z, prob: _Problem, pen, solver: str, max_iter: int, tol: float, lr: float):
-    """Minimise the (preconditioned) penalised logistic loss of all layers (and outputs) at once.
-
-    Z: [L, n, d] features, pen: [L, 1, d] per-coordinate penalty factors.
-    Returns (Vt [L, K, d], b [L, K, 1], n_iter [L]). A problem is one layer (softmax) or one (layer, output).
-    """
-    L, n, d = Z.shape
-    K = prob.targets.shape[0]
-    Zt = Z.transpose(1, 2)
-    T, w, penalty = prob.targets, prob.weights, prob.l2 * pen
-    n_problems = L if prob.softmax else L * K
-
-    def fg(theta):  # theta [P, m] viewed as [L, K, d + 1]
-        theta = theta.view(L, K, d + 1)
-        Vt, b = theta[..., :d], theta[..., d:]
-        lg = torch.baddbmm(b, Vt, Zt)  # [L, K, n]
-        if prob.softmax:
-            lse = torch.logsumexp(lg, 1, keepdim=True)
-            loss = (w * (lse.squeeze(1) - (lg * T).sum(1))).sum(-1, keepdim=True)  # [L, 1]
-            G = (torch.exp(lg - lse) - T) * w
-        else:
-            loss = (w * (torch.nn.functional.softplus(lg) - T * lg)).sum(-1)  # [L, K]
-            G = (torch.sigmoid(lg) - T) * w
-        pV = penalty * Vt
-        pen_term = 0.5 * (pV * Vt).sum(-1)  # [L, K]
-        loss = loss + (pen_term.sum(-1, keepdim=True) if prob.softmax else pen_term)
-        grad = torch.cat([torch.bmm(G, Z).add_(pV), G.sum(2, keepdim=True)], -1)
-        return loss.reshape(n_problems), grad.reshape(n_problems, -1)
-
-    theta = torch.zeros(n_problems, K * (d + 1) if prob.softmax else d + 1, device=Z.device, dtype=Z.dtype)
-    with torch.no_grad():
-        if solver == "lbfgs":
-            theta, n_iter = _lbfgs(fg, theta, tol, max_iter)
-        elif solver == "adam":  # plain Adam (betas 0.9, 0.999), written out: torch.optim's first step costs ~1 s
-            m, v = torch.zeros_like(theta), torch.zeros_like(theta)
-            n_iter = torch.zeros(n_problems, dtype=torch.long, device=Z.device)
-            for step in range(1, max_iter + 1):
-                g = fg(theta)[1]
-                active = g.abs().amax(1) > tol
-                if not active.any():
-                    break
-                n_iter += active.long()
-                m.mul_(0.9).add_(g, alpha=0.1)
-                v.mul_(0.999).addcmul_(g, g, value=0.001)
-                update = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt_() + 1e-8)
-                theta -= lr * torch.where(active[:, None], update, 0)
-        else:
-            raise ValueError(f"solver must be 'lbfgs' or 'adam', got {solver!r}.")
-        gmax = fg(theta)[1].abs().amax(1)
-    if (gmax > tol).any():
-        logger.warning("Probe solver (%s) left %d of %d problems above tol=%g (max gradient %.2g after %d iterations); "
-                       "raise max_iter, loosen tol, or regularise more (smaller C).",
-                       solver, int((gmax > tol).sum()), n_problems, tol, gmax.max().item(), int(n_iter.max()))
-    theta = theta.view(L, K, d + 1)
-    return theta[..., :d], theta[..., d:], n_iter.view(L, -1).amax(1)
 
 
 class _LayerwiseBase(BaseEstimator):
@@ -216,7 +97,7 @@ class _LayerwiseBase(BaseEstimator):
         return 1.0 / (value * sw_sum.clamp_min(1e-12)[None, :, None])
 
     def _fit_problem(self, X, prob_for_layers) -> None:
-        """Fit all layers, ``layer_batch`` at a time; ``prob_for_layers(sl)`` gives the _Problem of those layers."""
+        """Fit all layers, ``layer_batch`` at a time; ``prob_for_layers(sl)`` gives the LogisticTargets of those layers."""
         device, dtype = self._torch_setup()
         n_layers = X.shape[1]
         step = self.layer_batch or n_layers
@@ -229,11 +110,11 @@ class _LayerwiseBase(BaseEstimator):
             sd = Xl.std(1, correction=0, keepdim=True) if self.standardize else torch.ones_like(mu)
             sd = torch.where(sd > 0, sd, torch.ones_like(sd))
             Xl = (Xl - mu).div_(sd)
-            Z, B, pen, full = self._precondition(Xl, prob)
+            pre = probe_solver.precondition(Xl, prob.l2.amin(dim=(1, 2))[:, None], self.precondition, prob.targets.shape[0])
             del Xl
-            Vt, b, n_iter = _solve(Z, prob, pen, self.solver, self.max_iter, self.tol, self.lr)
-            del Z
-            W = (Vt @ B.transpose(1, 2) if full else Vt * B) / sd  # [L, K, d] coefficients on raw features
+            Vt, b, n_iter = probe_solver.solve(pre, prob, self.solver, self.max_iter, self.tol, self.lr)
+            W = pre.to_features(Vt) / sd  # [L, K, d] coefficients on raw features
+            del pre
             coefs.append(_to_numpy(W).astype(np.float64))
             means.append(_to_numpy(mu[:, 0]).astype(np.float64))
             intercepts.append(_to_numpy(b[..., 0]).astype(np.float64))
@@ -245,25 +126,6 @@ class _LayerwiseBase(BaseEstimator):
         self.n_iter_ = np.concatenate(n_iters)
         self.n_features_in_ = X.shape[2]
         self.n_layers_ = n_layers
-
-    def _precondition(self, Xl, prob: _Problem):
-        """Exact change of variables W = B V that makes the loss Hessian near-isotropic.
-
-        Returns (Z = Xl B, B, pen, full): B is [L, d, d] when ``full`` else a per-feature scale [L, 1, d].
-        """
-        L, n, d = Xl.shape
-        lam = prob.l2.amin(dim=(1, 2))[:, None].clamp_min(torch.finfo(Xl.dtype).eps)  # scales null directions
-        mode = self.precondition
-        if mode == "auto":  # whitening costs about d / (2K) loss evaluations: cheap unless d_model >> K
-            mode = "whiten" if d <= max(256, 25 * prob.targets.shape[0]) else "diagonal"
-        if mode == "whiten":
-            evals, U = torch.linalg.eigh(Xl.transpose(1, 2) @ Xl / n)
-            scale = (evals.clamp_min(0) + lam).rsqrt()
-            B = U * scale[:, None, :]
-            return Xl @ B, B, (scale * scale)[:, None, :], True
-        var = (Xl * Xl).mean(1) if mode == "diagonal" else torch.ones(L, d, device=Xl.device, dtype=Xl.dtype)
-        scale = (var + lam).rsqrt() if mode == "diagonal" else var
-        return Xl * scale[:, None, :], scale[:, None, :], (scale * scale)[:, None, :], False
 
     def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers k"]:
         """Logits [n_items, n_layers, K] on raw features (centred first, for float32 accuracy)."""
@@ -324,7 +186,7 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
         else:
             targets = torch.nn.functional.one_hot(y_t, n_classes).to(dtype).T.contiguous()
         sw_sum = sw.sum().expand(targets.shape[0])
-        self._fit_problem(X, lambda sl: _Problem(targets, weights, self._l2(X.shape[1], sw_sum)[sl], n_classes > 2))
+        self._fit_problem(X, lambda sl: LogisticTargets(targets, weights, self._l2(X.shape[1], sw_sum)[sl], n_classes > 2))
         return self
 
     def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers *k"]:
@@ -381,7 +243,7 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
             logger.warning("Outputs %s have no masked training items; their probes stay at zero.", empty)
         weights = sw / sw_sum.clamp_min(1e-12)[:, None]
         self.n_outputs_ = T.shape[0]
-        self._fit_problem(X, lambda sl: _Problem(T, weights, self._l2(X.shape[1], sw_sum)[sl], False))
+        self._fit_problem(X, lambda sl: LogisticTargets(T, weights, self._l2(X.shape[1], sw_sum)[sl], False))
         return self
 
     def predict_proba(self, X: Features) -> Float[np.ndarray, "n_items n_layers n_outputs"]:
