@@ -22,6 +22,7 @@ the intercepts, whatever the solver's coordinates.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 DAMPING = 0.1
 # Drop finished problems once this share of the working batch has converged.
 COMPACT_AT = 0.25
+# Recompute the logits from theta this often, rather than updating them along each step (rounding drift).
+REFRESH_EVERY = 10
 
 
 class LogisticTargets(NamedTuple):
@@ -103,6 +106,16 @@ class _Objective:
     full: bool
     softmax: bool
 
+    @functools.cached_property
+    def counted_cells(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Sigmoid batches whose weights are mostly zero (masked cells, e.g. objects not mentioned): flat
+        indices into [K * n], their output index, weight and target; None when dense enough to skip this."""
+        if self.softmax or (self.weights > 0).float().mean() > 0.5:
+            return None
+        cells = (self.weights > 0).flatten().nonzero().flatten()
+        n = self.weights.shape[1]
+        return cells, cells // n, self.weights.flatten()[cells], self.targets.flatten()[cells]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.penalty.shape[0], self.targets.shape[0], self.Z.shape[2]
@@ -112,25 +125,60 @@ class _Objective:
         L, K, _ = self.shape
         return L if self.softmax else L * K
 
-    def fg(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss [P] and gradient [P, m] of theta [P, m], viewed as [L, K, d + 1] (coefficients, intercept)."""
+    def logits(self, theta: torch.Tensor) -> torch.Tensor:
+        """Logits [L, K, n] of theta [P, m], viewed as [L, K, d + 1] (coefficients, intercept); linear in theta."""
         L, K, d = self.shape
         theta = theta.view(L, K, d + 1)
-        Vt, b = theta[..., :d], theta[..., d:]
-        logits = torch.baddbmm(b, Vt, self.Z.transpose(1, 2))  # [L, K, n]
+        return torch.baddbmm(theta[..., d:], theta[..., :d], self.Z.transpose(1, 2))
+
+    def loss(self, logits: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [P] at theta, given its logits, and G [L, K, n] = weighted d loss / d logits."""
+        L, K, d = self.shape
         T, w = self.targets, self.weights
+        # The hot loop: few passes over [L, K, n], weighted sums as batched dot products. Each item's loss is
+        # formed before weighting: summing softplus and target terms apart cancels catastrophically in float32.
         if self.softmax:
-            lse = torch.logsumexp(logits, 1, keepdim=True)
-            loss = (w * (lse.squeeze(1) - (logits * T).sum(1))).sum(-1, keepdim=True)  # [L, 1]
-            G = (torch.exp(logits - lse) - T) * w
+            item_loss = torch.logsumexp(logits, 1) - torch.einsum("lkn,kn->ln", logits, T)  # [L, n]
+            loss = (item_loss @ w[0])[:, None]  # [L, 1]
+            G = torch.softmax(logits, 1).sub_(T).mul_(w)
+        elif self.counted_cells is not None:  # softplus only where the weight is non-zero
+            cells, output, w_cells, T_cells = self.counted_cells
+            lg = logits.view(L, -1)[:, cells]  # [L, n_cells]
+            item_loss = torch.nn.functional.softplus(lg).addcmul_(lg, T_cells, value=-1).mul_(w_cells)
+            loss = logits.new_zeros(L, K).index_add_(1, output, item_loss)
+            G = torch.sigmoid(logits).sub_(T).mul_(w)
         else:
-            loss = (w * (torch.nn.functional.softplus(logits) - T * logits)).sum(-1)  # [L, K]
-            G = (torch.sigmoid(logits) - T) * w
-        pV = self.penalty * Vt
-        pen_term = 0.5 * (pV * Vt).sum(-1)  # [L, K]
-        loss = loss + (pen_term.sum(-1, keepdim=True) if self.softmax else pen_term)
-        grad = torch.cat([torch.bmm(G, self.Z).add_(pV), G.sum(2, keepdim=True)], -1)
-        return loss.reshape(self.n_problems), grad.reshape(self.n_problems, -1)
+            item_loss = torch.nn.functional.softplus(logits).addcmul_(logits, T, value=-1)  # [L, K, n]
+            loss = item_loss.mul_(w).sum(-1)  # [L, K]
+            G = torch.sigmoid(logits).sub_(T).mul_(w)
+        Vt = theta.view(L, K, d + 1)[..., :d]
+        return loss.add_(self._per_problem(0.5 * (self.penalty * Vt * Vt).sum(-1))).reshape(-1), G
+
+    def grad(self, G: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Gradient [P, m] at theta from its G."""
+        L, K, d = self.shape
+        pV = self.penalty * theta.view(L, K, d + 1)[..., :d]
+        return torch.cat([torch.bmm(G, self.Z).add_(pV), G.sum(2, keepdim=True)], -1).reshape(self.n_problems, -1)
+
+    def slope(self, G: torch.Tensor, direction_logits: torch.Tensor, theta: torch.Tensor, direction: torch.Tensor):
+        """Directional derivative [P] at theta along ``direction`` (whose logits are given): no matmul needed."""
+        L, K, d = self.shape
+        pen = (self.penalty * theta.view(L, K, d + 1)[..., :d] * direction.view(L, K, d + 1)[..., :d]).sum(-1)
+        return self._per_problem((G * direction_logits).sum(-1) + pen).reshape(-1)
+
+    def _per_problem(self, per_logit: torch.Tensor) -> torch.Tensor:
+        """[L, K] -> [L, 1] for softmax (one problem per layer), unchanged for sigmoid."""
+        return per_logit.sum(-1, keepdim=True) if self.softmax else per_logit
+
+    def broadcast(self, per_problem: torch.Tensor) -> torch.Tensor:
+        """[P] -> a shape that broadcasts against [L, K, n]."""
+        L, K, _ = self.shape
+        return per_problem.view(L, 1 if self.softmax else K, 1)
+
+    def fg(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [P] and gradient [P, m] of theta [P, m]."""
+        f, G = self.loss(self.logits(theta), theta)
+        return f, self.grad(G, theta)
 
     def gmax(self, grad: torch.Tensor) -> torch.Tensor:
         """Max |gradient| per problem [P] w.r.t. the feature coefficients (g_V = g_W B, as rows) and intercepts."""
@@ -166,7 +214,9 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
     result, ids = x.clone(), torch.arange(x.shape[0], device=x.device)
     n_iter = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     stalled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    f, g = objective.fg(x)
+    lg = objective.logits(x)
+    f, G = objective.loss(lg, x)
+    g = objective.grad(G, x)
     P, m = x.shape
     S, Yh = x.new_zeros(history, P, m), x.new_zeros(history, P, m)
     rho = x.new_zeros(history, P)  # 0 marks an empty or rejected pair: a no-op in the two-loop recursion
@@ -180,6 +230,7 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
             result[ids] = x
             ids, x, f, g, gamma, active = ids[keep], x[keep], f[keep], g[keep], gamma[keep], active[keep]
             S, Yh, rho = S[:, keep], Yh[:, keep], rho[:, keep]
+            lg = objective.logits(x)
         q, alphas = g.clone(), []
         slots = [(it - 1 - j) % history for j in range(min(it, history))]  # newest first
         for j in slots:
@@ -194,10 +245,14 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
         uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
         d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
         gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
+        # Logits are linear in theta, so one matmul gives them along the whole ray x + t d: line-search trials
+        # cost elementwise work only, and each iteration two matmuls (this one and the new gradient).
+        lg_d = objective.logits(d)
         t = torch.ones(len(x), dtype=x.dtype, device=x.device)
         for _ in range(max_ls):
-            f_new, g_new = objective.fg(x + t[:, None] * d)
-            gd_new = (g_new * d).sum(1)
+            x_new, lg_new = x + t[:, None] * d, torch.addcmul(lg, objective.broadcast(t), lg_d)
+            f_new, G = objective.loss(lg_new, x_new)
+            gd_new = objective.slope(G, lg_d, x_new, d)
             # Hager & Zhang's approximate Wolfe test: in float32 the loss stops resolving decreases well before
             # the gradient reaches tol, but the slope along d still says whether the step went the right way.
             approx_wolfe = (f_new <= f + 1e-6 * f.abs()) & (gd_new >= 0.9 * gd) & (gd_new <= -(1 - 2e-4) * gd)
@@ -206,15 +261,18 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
                 break
             t = torch.where(ok, t, 0.5 * t)
         t = torch.where(ok, t, 0)  # no decrease found (precision floor): the problem stops where it is
-        if not ok.all():
-            f_new, g_new = objective.fg(x + t[:, None] * d)
-        s, y = t[:, None] * d, g_new - g
+        x_new = x + t[:, None] * d
+        if not ok.all() or it % REFRESH_EVERY == REFRESH_EVERY - 1:  # also undo the drift of updated logits
+            lg_new = objective.logits(x_new)
+            f_new, G = objective.loss(lg_new, x_new)
+        g_new = objective.grad(G, x_new)
+        s, y = x_new - x, g_new - g
         sy, yy = (s * y).sum(1), (y * y).sum(1)
         valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
         slot = it % history
         S[slot], Yh[slot], rho[slot] = s, y, torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
         gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
-        x, f, g = x + s, f_new, g_new
+        x, f, g, lg = x_new, f_new, g_new, lg_new
         n_iter[ids] += active.long()
         stalled[ids] |= active & ~ok
         active = active & ok & (objective.gmax(g) > tol)
