@@ -110,11 +110,11 @@ class _LayerwiseBase(BaseEstimator):
             sd = Xl.std(1, correction=0, keepdim=True) if self.standardize else torch.ones_like(mu)
             sd = torch.where(sd > 0, sd, torch.ones_like(sd))
             Xl = (Xl - mu).div_(sd)
-            pre = probe_solver.precondition(Xl, prob.l2.amin(dim=(1, 2))[:, None], self.precondition, prob.targets.shape[0])
+            rotated = probe_solver.rotate(Xl, self.precondition, prob.targets.shape[0])
             del Xl
-            Vt, b, n_iter = probe_solver.solve(pre, prob, self.solver, self.max_iter, self.tol, self.lr)
-            W = pre.to_features(Vt) / sd  # [L, K, d] coefficients on raw features
-            del pre
+            W, b, n_iter = probe_solver.solve(rotated, prob, self.solver, self.max_iter, self.tol, self.lr)
+            W = W / sd  # [L, K, d] coefficients on raw features
+            del rotated
             coefs.append(_to_numpy(W).astype(np.float64))
             means.append(_to_numpy(mu[:, 0]).astype(np.float64))
             intercepts.append(_to_numpy(b[..., 0]).astype(np.float64))

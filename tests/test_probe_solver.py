@@ -60,23 +60,27 @@ def test_large_scale_features_reach_the_optimum(precondition, caplog):
 
 
 def test_stopping_test_is_on_feature_coefficients():
-    # The reported gradient must be the gradient w.r.t. W = B V, whatever B is: check it by autograd.
+    # The reported gradient must be the gradient w.r.t. the feature coefficients, whatever the solver's basis
+    # and scale: check it, and the coefficients themselves, by autograd on the plain loss.
     torch.manual_seed(0)
     X = torch.randn(2, 50, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0, 1.0, 5.0, 0.1], dtype=torch.float64)
     X = X - X.mean(1, keepdim=True)
     y = torch.randint(0, 3, (50,))
-    lt = probe_solver.LogisticTargets(torch.nn.functional.one_hot(y, 3).T.double(), torch.full((1, 50), 1 / 50.0,
-                                      dtype=torch.float64), torch.full((2, 3, 1), 0.02, dtype=torch.float64), True)
+    l2 = torch.full((2, 3, 1), 0.02, dtype=torch.float64)
+    targets, weights = torch.nn.functional.one_hot(y, 3).T.double(), torch.full((1, 50), 1 / 50.0, dtype=torch.float64)
     for mode in ("whiten", "diagonal", "none"):
-        pre = probe_solver.precondition(X, lt.l2.amin(dim=(1, 2))[:, None], mode, 3)
-        objective = probe_solver._Objective(pre.Z, lt.targets, lt.weights, lt.l2 * pre.pen, pre.B_inv, pre.full, True)
+        rotated = probe_solver.rotate(X, mode, 3)
+        objective = probe_solver._Objective(rotated.R, rotated.U, rotated.var, targets, weights, l2, True)
+        objective.rescale(torch.randn(2, 3, 50, dtype=torch.float64) * 3)  # some non-trivial scale
         theta = torch.randn(2, 3 * 7, dtype=torch.float64)
-        _, grad = objective.fg(theta)
-        W = pre.to_features(theta.view(2, 3, 7)[..., :6]).detach().requires_grad_()
-        b = theta.view(2, 3, 7)[..., 6:].clone().requires_grad_()
+        loss, grad = objective.fg(theta)
+        W = objective.to_features(theta).view(2, 3, 7)
+        W, b = W[..., :6].clone().requires_grad_(), W[..., 6:].clone().requires_grad_()
         logits = X @ W.transpose(1, 2) + b.transpose(1, 2)  # [L, n, K]
-        loss = (torch.logsumexp(logits, -1) - logits.gather(-1, y.expand(2, 50)[..., None]).squeeze(-1)).mean(1)
-        (loss + 0.5 * 0.02 * (W * W).sum((1, 2))).sum().backward()
+        plain = (torch.logsumexp(logits, -1) - logits.gather(-1, y.expand(2, 50)[..., None]).squeeze(-1)).mean(1)
+        plain = plain + 0.5 * 0.02 * (W * W).sum((1, 2))
+        torch.testing.assert_close(loss, plain.detach())
+        plain.sum().backward()
         expected = torch.maximum(W.grad.abs().amax((1, 2)), b.grad.abs().amax((1, 2)))
         torch.testing.assert_close(objective.gmax(grad), expected)
 
