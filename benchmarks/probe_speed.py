@@ -4,14 +4,20 @@ Both fit the same L2 objective (same C, lbfgs, tol=1e-4, max_iter=1000) on the s
 (torch.set_num_threads(1); BLAS/OpenMP limited to 1 thread for sklearn), best of --repeats timings each.
 Features are synthetic and shaped like a residual-stream cache (a large per-layer mean offset, anisotropic
 covariance with a few high-variance "outlier" dimensions, class signal planted along random directions
-with a strength that grows with depth), or real ones: --cache DIR (a boxprobe.cache directory; features of
---hook at --role, labels from the metadata column --label, split by sample_id) or --features (an .npz with
-X [n_items, n_layers, d_model] and y [n_items], or a directory holding X.npy and y.npy).
+with a strength that grows with depth), or real ones:
 
-``--label gold`` (or any column of object lists) benchmarks the queried-box contents probe, the library's
-main one: a multi-label probe with one binary output per object, counted only where the object is mentioned
-(``LayerwiseMultiLabelProbe``, balanced class weights), against sklearn fitted per layer *and* object on the
-mentioned items. A problem sklearn cannot fit (one class only) predicts that class, on both sides.
+- ``--model M``: caches checkpoint M (e.g. ``assets/models/toy-base``) on a freshly generated test subsample
+  (``--per-numops`` states per numops value, all 7 boxes each) in a temporary directory first;
+- ``--cache DIR``: an existing boxprobe.cache directory;
+- in both, features of --hook at --role, labels from the metadata column --label, split by sample_id;
+- ``--features``: an .npz with X [n_items, n_layers, d_model] and y [n_items], or a directory holding X.npy
+  and y.npy.
+
+``--label gold`` (the default; any column of object lists works) benchmarks the queried-box contents probe,
+the library's main one: a multi-label probe with one binary output per object, counted only where the object
+is mentioned (``LayerwiseMultiLabelProbe``, balanced class weights), against sklearn fitted per layer *and*
+object on the mentioned items. A problem sklearn cannot fit (one class only) predicts that class, on both
+sides. A scalar column (``query_box``, ``numops``) benchmarks the multinomial ``LayerwiseLogisticProbe``.
 
 Both sides are also scored on the objective they minimise (float64, summed over layers and outputs), so a
 speed-up bought by stopping early, or an accuracy gap caused by sklearn hitting max_iter, shows.
@@ -19,12 +25,14 @@ speed-up bought by stopping early, or an accuracy gap caused by sklearn hitting 
 Last line: ``ratio=<sklearn time / our time> accuracy_gap=<max over layers of |test acc difference| in points>``.
 
     .venv/bin/python benchmarks/probe_speed.py [--n-items 3000 --n-layers 5 --d-model 128 --n-classes 8]
-    .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label gold
+    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base [--per-numops 12] [--label gold]
+    .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label query_box
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -90,6 +98,23 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
     return X, contents_labels(meta[label], vocab), groups, mentioned_mask(meta["mentioned"], vocab)
 
 
+def cache_model(model_path: str, per_numops: int, seed: int, directory: Path) -> Path:
+    """Cache resid_post at query_last of a checkpoint on a fresh test subsample; returns the cache directory."""
+    from boxprobe.cache import CacheConfig, build_cache, file_sha256
+    from boxprobe.models import load_model, model_info
+    from boxprobe.prompts import build_queries, load_template
+    from boxprobe.task import TaskConfig, generate_dataset, read_examples
+
+    data = generate_dataset(TaskConfig(seed=seed), directory / "data", subsample_per_numops=per_numops)
+    model = load_model(model_path)
+    info = model_info(model)
+    template = load_template((info.metadata.get("prompt_template") if info else None) or "default")
+    queries = build_queries(read_examples(data["test-subsample"]), template, "per-box")
+    cfg = CacheConfig(template=template.name, batch_size=32)
+    build_cache(model, queries, directory / "cache", cfg, data_hash=file_sha256(data["test-subsample"]))
+    return directory / "cache"
+
+
 def objective(coef, intercept, X, y, C, sample_weight=None) -> float:
     """sklearn's LogisticRegression objective (float64) at (coef [K, d], intercept [K]) for one problem."""
     logits = X.astype(np.float64) @ coef.T + intercept
@@ -132,9 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=Path, default=None, help=".npz (X, y) or a directory with X.npy, y.npy")
     parser.add_argument("--cache", type=Path, default=None, help="a boxprobe activation cache directory")
+    parser.add_argument("--model", default=None, help="a checkpoint to cache first (e.g. assets/models/toy-base)")
+    parser.add_argument("--per-numops", type=int, default=12, help="with --model: states per numops value")
     parser.add_argument("--hook", default="resid_post")
     parser.add_argument("--role", default="query_last")
-    parser.add_argument("--label", default="query_box", help="metadata column to probe for (with --cache)")
+    parser.add_argument("--label", default="gold", help="metadata column to probe for (with --cache or --model)")
     parser.add_argument("--n-items", type=int, default=3000)
     parser.add_argument("--n-layers", type=int, default=5)
     parser.add_argument("--d-model", type=int, default=128)
@@ -151,9 +178,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     groups = mask = None
+    if args.model is not None:
+        scratch = tempfile.TemporaryDirectory()
+        args.cache = cache_model(args.model, args.per_numops, args.seed, Path(scratch.name))
     if args.cache is not None:
         X, y, groups, mask = load_cache(args.cache, args.hook, args.role, args.label)
-        source = f"{args.cache} ({args.hook} at {args.role} -> {args.label})"
+        source = f"{args.model or args.cache} ({args.hook} at {args.role} -> {args.label})"
     elif args.features is not None:
         X, y = load_features(args.features)
         source = str(args.features)

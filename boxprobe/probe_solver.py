@@ -46,6 +46,8 @@ DAMPING = 10.0
 RESCALE_EVERY = 10
 # Drop finished problems once this share of the working batch has converged.
 COMPACT_AT = 0.25
+# Why a problem stopped.
+CONVERGED, STALLED, MAX_ITER = 0, 1, 2
 # Recompute the logits from theta this often, rather than updating them along each step (rounding drift).
 REFRESH_EVERY = 10
 
@@ -242,13 +244,13 @@ class _Objective:
 def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, history: int = 10, max_ls: int = 25):
     """L-BFGS on the objective's P independent problems at once, from x [P, m] (zeros: the scale is unset).
 
-    Returns (theta [P, m] on the centred features, n_iter [P], gmax [P] at the end, stalled [P]): ``stalled``
-    marks problems stopped because no step decreased the loss any more (the dtype's precision floor).
+    Returns (theta [P, m] on the centred features, n_iter [P], status [P], gmax [P] when each stopped), status
+    being CONVERGED, STALLED (no step decreased the loss any more: the dtype's precision floor) or MAX_ITER.
     """
     P, m = x.shape
-    result, g_final, ids = torch.empty_like(x), x.new_zeros(P), torch.arange(P, device=x.device)
+    result, ids = torch.empty_like(x), torch.arange(P, device=x.device)
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
-    stalled = torch.zeros(P, dtype=torch.bool, device=x.device)
+    status = torch.full((P,), CONVERGED, dtype=torch.long, device=x.device)
     lg = objective.logits(x)
     objective.rescale(lg)
     f, G = objective.loss(lg, x)
@@ -256,10 +258,11 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
     S, Yh = x.new_zeros(history, P, m), x.new_zeros(history, P, m)
     rho = x.new_zeros(history, P)  # 0 marks an empty or rejected pair: a no-op in the two-loop recursion
     gamma = (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)  # torch's first step: min(1, 1/|g|_1)
-    active = objective.gmax(g) > tol
+    g_final = objective.gmax(g)
+    active = g_final > tol
 
     def save():
-        result[ids], g_final[ids] = objective.to_features(x), objective.gmax(g)
+        result[ids] = objective.to_features(x)
 
     for it in range(max_iter):
         if not active.any():
@@ -318,10 +321,15 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
         gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
         x, f, g, lg = x_new, f_new, g_new, lg_new
         n_iter[ids] += active.long()
-        stalled[ids] |= active & ~ok
-        active = active & ok & (objective.gmax(g) > tol)
+        status[ids] = torch.where(active & ~ok, STALLED, status[ids])
+        # A finished problem's gradient is the one it stopped at: re-evaluating it at refreshed logits
+        # would only add rounding noise around tol.
+        g_max = objective.gmax(g)
+        g_final[ids] = torch.where(active, g_max, g_final[ids])
+        active = active & ok & (g_max > tol)
+    status[ids] = torch.where(active, MAX_ITER, status[ids])
     save()
-    return result, n_iter, g_final, stalled
+    return result, n_iter, status, g_final
 
 
 def _scale_coefficients(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -348,7 +356,8 @@ def adam(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, lr: 
         update = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt_() + 1e-8)
         x = x - lr * torch.where(active[:, None], update, 0)
     g_final = objective.gmax(objective.fg(x)[1])
-    return objective.to_features(x), n_iter, g_final, torch.zeros_like(active)  # no line search to stall
+    status = torch.where(g_final > tol, MAX_ITER, CONVERGED)  # no line search to stall
+    return objective.to_features(x), n_iter, status, g_final
 
 
 def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol: float, lr: float):
@@ -360,12 +369,12 @@ def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol
     theta = rotated.R.new_zeros(objective.n_problems, (K if lt.softmax else 1) * (d + 1))
     with torch.no_grad():
         if solver == "lbfgs":
-            theta, n_iter, g_final, stalled = lbfgs(objective, theta, tol, max_iter)
+            theta, n_iter, status, g_final = lbfgs(objective, theta, tol, max_iter)
         elif solver == "adam":
-            theta, n_iter, g_final, stalled = adam(objective, theta, tol, max_iter, lr)
+            theta, n_iter, status, g_final = adam(objective, theta, tol, max_iter, lr)
         else:
             raise ValueError(f"solver must be 'lbfgs' or 'adam', got {solver!r}.")
-    unfinished, floor = (g_final > tol) & ~stalled, (g_final > tol) & stalled
+    unfinished, floor = status == MAX_ITER, (status == STALLED) & (g_final > tol)
     if unfinished.any():
         logger.warning("Probe solver (%s) left %d of %d problems above tol=%g after max_iter=%d iterations (max "
                        "gradient %.2g); raise max_iter, loosen tol, or regularise more (smaller C).",

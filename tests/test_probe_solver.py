@@ -112,3 +112,15 @@ def test_dropping_finished_problems_changes_nothing(monkeypatch):
     np.testing.assert_allclose(compacted.coef_, whole.coef_, atol=1e-6)
     np.testing.assert_allclose(compacted.intercept_, whole.intercept_, atol=1e-6)
     assert np.abs(compacted.n_iter_ - whole.n_iter_).max() <= 1  # summation order differs in the last bits
+
+
+def test_warns_only_for_problems_that_ran_out_of_iterations(caplog):
+    X, y = residual_like(seed=1)
+    with caplog.at_level(logging.INFO, logger="boxprobe.probe_solver"):
+        LayerwiseLogisticProbe(max_iter=3).fit(X, y)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "max_iter=3" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="boxprobe.probe_solver"):
+        LayerwiseLogisticProbe(dtype="float64", tol=1e-6).fit(X, y)
+    assert not caplog.records
