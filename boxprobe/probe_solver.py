@@ -207,7 +207,6 @@ class _Objective:
 
     def to_features(self, theta: torch.Tensor) -> torch.Tensor:
         """theta [P, m] with the coefficients on the (centred) features in place of V."""
-        L, K, d = self.shape
         Vt, b = self._split(theta)
         W = self._scaled(Vt)
         W = W @ self.U.transpose(1, 2) if self.U is not None else W
@@ -215,7 +214,6 @@ class _Objective:
 
     def gmax(self, grad: torch.Tensor) -> torch.Tensor:
         """Max |gradient| per problem [P] w.r.t. the feature coefficients and intercepts."""
-        L, K, d = self.shape
         g_V, g_b = self._split(grad)
         g_R = g_V if self.scale is None else g_V / self.scale  # g_V = scale * g_R
         g_W = g_R @ self.U.transpose(1, 2) if self.U is not None else g_R  # R = X U: g_R = g_W U
