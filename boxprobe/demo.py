@@ -83,10 +83,11 @@ def behaviour_stage(models: dict, examples: Sequence[Example], out: Path, batch_
 
 
 def probes_stage(model_paths: Sequence[str], data: Path, out: Path, batch_size: int) -> None:
-    """Contents and prior-state probes with controls and baselines -> ``probe_*.csv``."""
+    """Contents, global-state, incremental and prior-state probes with controls and baselines -> ``probe_*.csv``."""
     cfg = ProbeExperimentConfig(models=tuple(model_paths), data=str(data), out_dir=str(out),
-                                targets=("contents", "prior_1"), batch_size=batch_size, n_boot=300,
-                                random_init="first", Cs=(0.1, 1.0), causal_check_layer=1)
+                                targets=("contents", "global_state", "incremental", "prior_1"),
+                                batch_size=batch_size, n_boot=300, random_init="first", Cs=(0.1, 1.0),
+                                causal_check_layer=1)
     ProbeExperiment(cfg).run()
 
 

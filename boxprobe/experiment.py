@@ -43,7 +43,9 @@ from boxprobe.probe_metrics import (
     contents_labels,
     contents_metrics,
     control_contents_labels,
+    control_state_labels,
     majority_baseline,
+    majority_state_baseline,
     mentioned_mask,
     split_by_group,
 )
@@ -292,14 +294,23 @@ class ProbeExperiment:
         model_name = label.removesuffix(" (random init)")
         rows = [self._accuracy_rows(model_name, target_name, kind, correct, target.groups[test])]
         if not random_init:
-            control_Y = control_contents_labels(target.query_types, target.Y, target.mask, seed=cfg.seed)
-            control = LayerwiseMultiLabelProbe(C=chosen.C, class_weight="balanced").fit(feats[train], control_Y[train], mask=target.mask[train])
+            if target.n_classes:  # one class per object block, scored by argmax like the task
+                control_Y = control_state_labels(target.query_types, target.Y, target.mask, target.n_classes,
+                                                 seed=cfg.seed)
+            else:
+                control_Y = control_contents_labels(target.query_types, target.Y, target.mask, seed=cfg.seed)
+            control = LayerwiseMultiLabelProbe(C=chosen.C, class_weight="balanced")
+            control.fit(feats[train], control_Y[train], mask=target.mask[train])
             ctrl_target = _Target(target.rows, control_Y, target.mask, target.groups, target.numops,
                                   target.query_types, target.n_classes)
             ctrl_proba = control.predict_proba(feats[test]) if target.n_classes else None
             ctrl_correct = _cell_correct(control.predict(feats[test]), ctrl_target, test, ctrl_proba)
             rows.append(self._accuracy_rows(model_name, target_name, "control", ctrl_correct, target.groups[test]))
-            majority = majority_baseline(target.Y[train], target.Y[test], target.mask[train], target.mask[test])
+            if target.n_classes:
+                majority = majority_state_baseline(target.Y[train], target.Y[test], target.mask[train],
+                                                   target.mask[test], target.n_classes)
+            else:
+                majority = majority_baseline(target.Y[train], target.Y[test], target.mask[train], target.mask[test])
             rows.append(pd.DataFrame({"model": model_name, "probe": target_name, "metric": "non_trivial",
                                       "kind": "majority", "layer": np.arange(correct.shape[1]), "value": majority}))
         numops = target.numops[test]

@@ -12,13 +12,18 @@ Probe targets:
 
 Controls (Hewitt & Liang 2019): a control task gives every *type* a random but consistent label, so a probe
 can only solve it by memorising types, not by reading the state; selectivity = task - control accuracy.
-For the global-state target the type is the object (:func:`control_labels`). For the contents target,
-permuting object identities consistently across the dataset is *not* a control: every output has its own
-probe, so relabelling columns only renames the probes and the task stays exactly as hard (selectivity 0
-by construction); a label fixed per object alone is learnt by each probe's intercept. What the probe at
-"Box k contains" can read lexically is the queried box, so :func:`control_contents_labels` draws a random
-but consistent in/out label per (queried-box type, object), with each object's base rate: solvable by
-memorising box identity, with no tracking of moves.
+:func:`control_labels` is that recipe for a probe shared across types. boxprobe's contents and global-state
+probes are one probe per object, so for them the recipe degenerates: permuting object identities only
+renames the probes (selectivity 0 by construction), and a label fixed per object alone is learnt by each
+probe's intercept. What the probe at "Box k contains" can read lexically is the queried box, so
+:func:`control_contents_labels` draws a random but consistent in/out label per (queried-box type, object),
+with each object's base rate, and :func:`control_state_labels` a class per (queried-box type, object) from
+the object's class distribution: solvable by memorising box identity, with no tracking of moves. Where the
+queried box is linearly decodable (the bundled models: ~100%), these controls are near ceiling, so negative
+selectivity there says the task is harder than memorising the box, not that the probe memorises.
+
+Majority baselines: :func:`majority_baseline` per label or per cell; :func:`majority_state_baseline` per
+object block (its most frequent class), which is what the argmax-scored global-state probe competes with.
 """
 
 from __future__ import annotations
@@ -164,6 +169,27 @@ def control_contents_labels(
     return table[codes]
 
 
+def control_state_labels(
+    query_types: Sequence[Hashable],
+    Y: Bool[Array, "n_items n_cells"],
+    mask: Bool[Array, "n_items n_cells"],
+    n_classes: int,
+    seed: int = 0,
+) -> Bool[np.ndarray, "n_items n_cells"]:
+    """Control for the global-state target, whose cells are one-hot blocks of ``n_classes`` per object: a random
+    but consistent class per (queried-box type, object), drawn from that object's class distribution over counted
+    items. One-hot blocks like ``Y``, so it is scored by argmax like the task."""
+    Y, M = _to_numpy(Y).astype(bool), _to_numpy(mask).astype(bool)
+    n = len(Y)
+    blocks, counted = Y.reshape(n, -1, n_classes), M.reshape(n, -1, n_classes).any(-1)  # [n, O, K], [n, O]
+    freq = (blocks & counted[..., None]).sum(0) + 1e-9  # [O, K]
+    cumulative = np.cumsum(freq / freq.sum(-1, keepdims=True), -1)
+    codes, _ = pd.factorize(pd.Series(list(query_types), dtype=object), sort=True)
+    draws = np.random.default_rng(seed).random((codes.max() + 1, freq.shape[0], 1))  # [n_types, O, 1]
+    table = np.minimum((draws > cumulative).sum(-1), n_classes - 1)  # a class per (type, object)
+    return np.eye(n_classes, dtype=bool)[table[codes]].reshape(Y.shape)
+
+
 def selectivity(task_acc: Float[Array, "n_layers"], control_acc: Float[Array, "n_layers"]) -> np.ndarray:
     """Task minus control accuracy per layer (Hewitt & Liang 2019)."""
     return _to_numpy(task_acc).astype(float) - _to_numpy(control_acc).astype(float)
@@ -183,6 +209,22 @@ def majority_baseline(y_train, y_test, mask_train=None, mask_test=None) -> float
     Mte = np.ones(y_test.shape, bool) if mask_test is None else _to_numpy(mask_test).astype(bool)
     majority = (y_train.astype(bool) & Mtr).sum(0) > (~y_train.astype(bool) & Mtr).sum(0)
     return float(((y_test.astype(bool) == majority) & Mte).sum() / max(Mte.sum(), 1))
+
+
+def majority_state_baseline(
+    Y_train: Bool[Array, "n_train n_cells"], Y_test: Bool[Array, "n_test n_cells"],
+    mask_train: Bool[Array, "n_train n_cells"], mask_test: Bool[Array, "n_test n_cells"], n_classes: int,
+) -> float:
+    """Global-state targets (one-hot blocks of ``n_classes`` per object): accuracy of predicting each object's
+    most frequent training class, over the objects counted in the test items. Ties go to the smallest class."""
+    def blocks(Y, M):
+        Y, M = _to_numpy(Y).astype(bool), _to_numpy(M).astype(bool)
+        return Y.reshape(len(Y), -1, n_classes), M.reshape(len(M), -1, n_classes).any(-1)
+
+    (train, counted_train), (test, counted_test) = blocks(Y_train, mask_train), blocks(Y_test, mask_test)
+    majority = (train & counted_train[..., None]).sum(0).argmax(-1)  # [O]
+    right = (test.argmax(-1) == majority) & counted_test
+    return float(right.sum() / max(counted_test.sum(), 1))
 
 
 def bootstrap_difference(

@@ -14,8 +14,10 @@ from boxprobe.probe_metrics import (
     contents_metrics,
     control_contents_labels,
     control_labels,
+    control_state_labels,
     inlp_directions,
     majority_baseline,
+    majority_state_baseline,
     mentioned_mask,
     nullspace_projection,
     object_box_labels,
@@ -263,6 +265,30 @@ def test_controls_and_baselines():
     Y_train, Y_test = np.array([[1, 0], [1, 0], [0, 1]]), np.array([[1, 1]])
     assert majority_baseline(Y_train, Y_test) == 0.5
     assert majority_baseline(Y_train, Y_test, mask_test=np.array([[1, 0]])) == 1.0
+
+
+def test_global_state_control_and_majority_work_on_class_blocks():
+    # Three objects x 3 classes: object 0 is always in class 2, object 1 in class 0 or 1, object 2 never counted.
+    rng = np.random.default_rng(0)
+    n, K = 300, 3
+    classes = np.stack([np.full(n, 2), rng.integers(0, 2, n), np.zeros(n, int)], 1)  # [n, objects]
+    Y = np.eye(K, dtype=bool)[classes].reshape(n, -1)
+    mask = np.repeat(np.array([True, True, False]), K)[None].repeat(n, 0)
+    queries = rng.integers(0, 7, n)
+    control = control_state_labels(queries, Y, mask, K, seed=3)
+    blocks = control.reshape(n, 3, K)
+    assert (blocks.sum(-1) == 1).all()  # one class per object, scored by argmax like the task
+    for q in range(7):
+        assert (control[queries == q] == control[queries == q][0]).all()  # consistent per queried box
+    assert (blocks[:, 0].argmax(-1) == 2).all()  # drawn from the object's own classes
+    assert set(blocks[:, 1].argmax(-1)) == {0, 1}
+    # Majority: object 0's class (always right) and object 1's majority class, over counted objects only.
+    train, test = slice(0, 200), slice(200, None)
+    majority_1 = np.bincount(classes[train, 1]).argmax()
+    expected = (1 + (classes[test, 1] == majority_1).mean()) / 2
+    assert majority_state_baseline(Y[train], Y[test], mask[train], mask[test], K) == pytest.approx(expected)
+    # Cell-wise majority would count every "not this class" cell right: a different, inflated number.
+    assert majority_baseline(Y[train], Y[test], mask[train], mask[test]) > expected
 
 
 def test_bootstrap_difference_clusters():
