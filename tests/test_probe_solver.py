@@ -9,19 +9,12 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 from boxprobe import probe_solver
 from boxprobe.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(torch_threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def objective(coef, intercept, X, y, C):

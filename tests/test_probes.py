@@ -6,7 +6,6 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 from boxprobe.probe_metrics import (
     bootstrap_difference,
@@ -37,14 +36,7 @@ def planted(n=600, n_layers=3, d=16, n_classes=4, strengths=(0.3, 1.0, 3.0), see
     return X + offset * rng.normal(size=(1, n_layers, d)), y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    """Several threads on these tiny problems only thrash a busy machine (sklearn and torch got 30x slower)."""
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(torch_threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def sklearn_layers(X, y, **kw):
