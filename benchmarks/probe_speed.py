@@ -38,7 +38,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.special import logsumexp
 from sklearn.exceptions import ConvergenceWarning
@@ -87,8 +86,7 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
     meta = cache.metadata(role)
     if label not in meta:
         raise SystemExit(f"--label {label!r} is not a metadata column of {directory}; columns: {', '.join(meta)}")
-    keep = meta[label].map(lambda v: v is not None and v is not pd.NA and v == v if np.isscalar(v) else True)
-    keep = keep.to_numpy(bool)
+    keep = meta[label].notna().to_numpy()  # e.g. prior_k where there is no k-th earlier state
     X = cache.activations(hook, role).float().numpy()[keep]
     meta = meta[keep]
     groups = meta["sample_id"].to_numpy() if "sample_id" in meta else None
