@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -49,12 +49,15 @@ from boxprobe.probe_metrics import (
     mentioned_mask,
     split_by_group,
 )
+from boxprobe.positions import LABEL_RE, label_box
 from boxprobe.probes import LayerwiseMultiLabelProbe, select_C
 from boxprobe.prompts import build_queries, load_template
 from boxprobe.task import load_vocabulary, read_examples
 
 logger = logging.getLogger(__name__)
-TARGETS = ("contents", "global_state", "prior_1", "prior_2", "prior_3", "incremental")
+TARGETS = ("contents", "global_state", "global_state_end", "prior_1", "prior_2", "prior_3", "incremental")
+# Token roles each target reads, beyond the query's last token.
+_TARGET_ROLES = {"incremental": ("box_mention",), "global_state_end": ("state_end", "op_end")}
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ class ProbeExperimentConfig:
     hook: str = "resid_post"
     """Activation to probe, as :class:`boxprobe.cache.CacheConfig` names hooks (one group, all layers)."""
     targets: tuple[str, ...] = ("contents", "global_state", "prior_1")
-    """Probe targets, from :data:`TARGETS`."""
+    """Probe targets, from :data:`TARGETS`: the queried box's contents (``contents``), which box holds each
+    mentioned object at the query token (``global_state``) or at the description's last period
+    (``global_state_end``, one item per context), the queried box k operations earlier (``prior_k``), and a
+    box's contents after each operation, at its label in that operation (``incremental``)."""
     limit: int | None = None
     """Use only the first N per-box queries."""
     template: str | None = None
@@ -174,6 +180,19 @@ def _global_target(meta: pd.DataFrame, vocab: Sequence[str]) -> _Target:
                    list(meta["query_box"]), n_classes)
 
 
+def _global_end_target(ends: pd.DataFrame, contexts: Sequence[str], vocab: Sequence[str]) -> _Target:
+    """Global state at the description's last period (``ends``: state_end and op_end rows), one item per
+    context, since all queries of a context share that prefix."""
+    last = ends.sort_values(["query_index", "op_index"], kind="stable").groupby("query_index").tail(1)
+    last = last.assign(context=[contexts[q] for q in last["query_index"]]).drop_duplicates("context")
+    target = _global_target(last.reset_index(drop=True), vocab)
+    # No query has been read yet, so the control's lexical type is the box the last sentence names first.
+    last_box = ["initial" if op < 0 else label_box(LABEL_RE.search(c.rstrip(". ").rsplit(". ", 1)[-1]))
+                for op, c in zip(last["op_index"], last["context"])]
+    return replace(target, rows=last.index.to_numpy(), numops=last["num_operations"].to_numpy(),
+                   query_types=last_box)
+
+
 def _incremental_target(meta: pd.DataFrame, contexts: Sequence[str], vocab: Sequence[str]) -> _Target:
     ops = meta[meta["op_index"].fillna(-1).astype(int) >= 0]
     # The queries of one context repeat its mentions: keep one row per (context, mention).
@@ -245,7 +264,7 @@ class ProbeExperiment:
         template_name = cfg.template or (info.metadata.get("prompt_template") if info else None) or "default"
         template = load_template(template_name)
         queries = build_queries(examples, template, "per-box")[: cfg.limit]
-        roles = ("query_last", "box_mention") if "incremental" in cfg.targets else ("query_last",)
+        roles = tuple(dict.fromkeys(("query_last", *(r for t in cfg.targets for r in _TARGET_ROLES.get(t, ())))))
         cache_cfg = CacheConfig(hooks=(cfg.hook,), roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                 template=template.name, prompt_format="per-box")
         safe = re.sub(r"[^\w.-]+", "_", label)
@@ -277,6 +296,10 @@ class ProbeExperiment:
         cfg = self.cfg
         if target_name == "incremental":
             target, feats = _incremental_target(meta["box_mention"], contexts, self.vocab), X["box_mention"]
+        elif target_name == "global_state_end":
+            ends = pd.concat([meta["state_end"], meta["op_end"]], ignore_index=True)
+            target = _global_end_target(ends, contexts, self.vocab)
+            feats = np.concatenate([X["state_end"], X["op_end"]])
         elif target_name == "global_state":
             target, feats = _global_target(meta["query_last"], self.vocab), X["query_last"]
         else:

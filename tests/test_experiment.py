@@ -54,3 +54,49 @@ def test_probe_experiment_config_rejects_typos():
         ProbeExperimentConfig.from_dict({"models": ["x"], "data": "d.jsonl", "targetz": ["contents"]})
     with pytest.raises(ConfigError, match="target"):
         ProbeExperimentConfig(models=("x",), data="d.jsonl", targets=("colour",))
+
+
+def test_global_state_end_reads_the_last_period_once_per_context():
+    from boxprobe.experiment import _global_end_target
+
+    contexts = ["Box 0 contains nothing, Box 1 contains the apple. Move the apple from Box 1 to Box 0.",
+                "Box 0 contains nothing, Box 1 contains the apple. Move the apple from Box 1 to Box 0.",
+                "Box 0 contains the cup, Box 1 contains the pen."]
+    state_a, state_c = [["apple"], []], [["cup"], ["pen"]]
+    row = lambda q, op, state, mentioned: {"query_index": q, "op_index": op, "state": state, "sample_id": q // 2,  # noqa: E731
+                                           "mentioned": mentioned, "num_operations": 0 if q == 2 else 1,
+                                           "numops": 0, "query_box": q % 2}
+    ends = pd.DataFrame([row(0, -1, state_a, ["apple"]), row(0, 0, state_a, ["apple"]),
+                         row(1, -1, state_a, ["apple"]), row(1, 0, state_a, ["apple"]),
+                         row(2, -1, state_c, ["cup", "pen"])])
+    target = _global_end_target(ends, contexts, ["apple", "cup", "pen"])
+    assert list(target.rows) == [1, 4]  # query 0's last operation; query 1 shares its context; query 2 has none
+    blocks = target.Y.reshape(2, 3, 3)  # [items, objects, 2 boxes + none]
+    assert blocks[0, 0].argmax() == 0 and blocks[1, 1].argmax() == 0 and blocks[1, 2].argmax() == 1
+    assert not target.mask.reshape(2, 3, 3)[0, 1:].any()  # only mentioned objects count
+    assert target.query_types == [1, "initial"]  # the box the last sentence (not the context) names first
+    assert list(target.numops) == [1, 0]
+
+
+def test_global_state_targets_run_with_block_baselines(toy_pair):
+    from boxprobe.experiment import _global_target
+    from boxprobe.probe_metrics import majority_state_baseline, split_by_group
+
+    dirs, data, root = toy_pair
+    cfg = ProbeExperimentConfig(models=(dirs[0],), data=data, out_dir=str(root / "run_global"),
+                                targets=("global_state", "global_state_end"), Cs=(1.0,), n_boot=20, random_init="none")
+    run = ProbeExperiment(cfg).run()
+    acc = run.probe_accuracy
+    assert set(acc.probe) == {"global_state", "global_state_end"}
+    assert set(acc.kind) == {"task", "control", "majority"} and acc.value.between(0, 1).all()
+    # The majority line is each object's most frequent box, on the same split as the probe.
+    from boxprobe.cache import open_cache
+    from boxprobe.task import load_vocabulary
+
+    meta = open_cache(root / "run_global" / "cache" / "toy-a").metadata("query_last").reset_index(drop=True)
+    target = _global_target(meta, load_vocabulary("objects"))
+    train, _, test = split_by_group(target.groups, cfg.split, seed=cfg.seed)
+    expected = majority_state_baseline(target.Y[train], target.Y[test], target.mask[train], target.mask[test],
+                                       target.n_classes)
+    got = acc[(acc.probe == "global_state") & (acc.kind == "majority")].value
+    assert got.round(9).eq(round(expected, 9)).all()
