@@ -97,7 +97,7 @@ class _LayerwiseBase(BaseEstimator):
         return 1.0 / (value * sw_sum.clamp_min(1e-12)[None, :, None])
 
     def _fit_problem(self, X, prob_for_layers) -> None:
-        """Fit all layers, ``layer_batch`` at a time; ``prob_for_layers(sl)`` gives the LogisticTargets of those layers."""
+        """Fit all layers, ``layer_batch`` at a time; ``prob_for_layers(sl)`` gives those layers' LogisticTargets."""
         device, dtype = self._torch_setup()
         n_layers = X.shape[1]
         step = self.layer_batch or n_layers
@@ -186,7 +186,8 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
         else:
             targets = torch.nn.functional.one_hot(y_t, n_classes).to(dtype).T.contiguous()
         sw_sum = sw.sum().expand(targets.shape[0])
-        self._fit_problem(X, lambda sl: LogisticTargets(targets, weights, self._l2(X.shape[1], sw_sum)[sl], n_classes > 2))
+        l2 = self._l2(X.shape[1], sw_sum)
+        self._fit_problem(X, lambda sl: LogisticTargets(targets, weights, l2[sl], n_classes > 2))
         return self
 
     def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers *k"]:
@@ -243,7 +244,8 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
             logger.warning("Outputs %s have no masked training items; their probes stay at zero.", empty)
         weights = sw / sw_sum.clamp_min(1e-12)[:, None]
         self.n_outputs_ = T.shape[0]
-        self._fit_problem(X, lambda sl: LogisticTargets(T, weights, self._l2(X.shape[1], sw_sum)[sl], False))
+        l2 = self._l2(X.shape[1], sw_sum)
+        self._fit_problem(X, lambda sl: LogisticTargets(T, weights, l2[sl], False))
         return self
 
     def predict_proba(self, X: Features) -> Float[np.ndarray, "n_items n_layers n_outputs"]:

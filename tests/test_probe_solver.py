@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 
 from boxprobe import probe_solver
@@ -56,7 +57,8 @@ def test_stopping_test_is_on_feature_coefficients():
     # The reported gradient must be the gradient w.r.t. the feature coefficients, whatever the solver's basis
     # and scale: check it, and the coefficients themselves, by autograd on the plain loss.
     torch.manual_seed(0)
-    X = torch.randn(2, 50, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0, 1.0, 5.0, 0.1], dtype=torch.float64)
+    scales = torch.tensor([1.0, 10.0, 100.0, 1.0, 5.0, 0.1], dtype=torch.float64)
+    X = torch.randn(2, 50, 6, dtype=torch.float64) * scales
     X = X - X.mean(1, keepdim=True)
     y = torch.randint(0, 3, (50,))
     l2 = torch.full((2, 3, 1), 0.02, dtype=torch.float64)
@@ -85,8 +87,10 @@ def test_dropping_finished_problems_changes_nothing(monkeypatch):
     Y = rng.random((n, n_out)) < 0.4
     mask = rng.random((n, n_out)) < np.linspace(0.2, 1.0, n_out)
     strength = np.array([0.1, 0.5, 1, 2, 4, 8])[None, None, :]
-    X = rng.normal(size=(n, n_layers, d)) + np.einsum("no,od->nd", Y * strength[0], rng.normal(size=(n_out, d)))[:, None]
-    fit = lambda: LayerwiseMultiLabelProbe(C=1.0, tol=1e-8, dtype="float64", class_weight="balanced").fit(X, Y, mask)  # noqa: E731
+    signal = np.einsum("no,od->nd", Y * strength[0], rng.normal(size=(n_out, d)))
+    X = rng.normal(size=(n, n_layers, d)) + signal[:, None]
+    probe = LayerwiseMultiLabelProbe(C=1.0, tol=1e-8, dtype="float64", class_weight="balanced")
+    fit = lambda: clone(probe).fit(X, Y, mask)  # noqa: E731
     calls = []
     real_compact = probe_solver._Objective.compact
 
