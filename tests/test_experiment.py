@@ -63,6 +63,7 @@ def test_global_state_end_reads_the_last_period_once_per_context():
                 "Box 0 contains nothing, Box 1 contains the apple. Move the apple from Box 1 to Box 0.",
                 "Box 0 contains the cup, Box 1 contains the pen."]
     state_a, state_c = [["apple"], []], [["cup"], ["pen"]]
+
     def row(q, op, state, mentioned):
         return {"query_index": q, "op_index": op, "state": state, "sample_id": q // 2, "mentioned": mentioned,
                 "num_operations": 0 if q == 2 else 1, "numops": 0, "query_box": q % 2}
