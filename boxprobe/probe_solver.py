@@ -276,15 +276,16 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
             # gradients by its inverse (so s.y, and the L-BFGS model, are unchanged).
             x, S = _scale_coefficients(x, ratio), _scale_coefficients(S, ratio)
             g, Yh = _scale_coefficients(g, 1 / ratio), _scale_coefficients(Yh, 1 / ratio)
+        # The two-loop recursion, in fused ops: with few or small problems its op count is the cost.
         q, alphas = g.clone(), []
         slots = [(it - 1 - j) % history for j in range(min(it, history))]  # newest first
         for j in slots:
-            a = rho[j] * (S[j] * q).sum(1)
-            q -= a[:, None] * Yh[j]
+            a = rho[j] * torch.linalg.vecdot(S[j], q)
+            q.addcmul_(a[:, None], Yh[j], value=-1)
             alphas.append(a)
         q *= gamma[:, None]
         for j, a in zip(reversed(slots), reversed(alphas)):
-            q += (a - rho[j] * (Yh[j] * q).sum(1))[:, None] * S[j]
+            q.addcmul_((a - rho[j] * torch.linalg.vecdot(Yh[j], q))[:, None], S[j])
         d = torch.where(active[:, None], -q, 0)
         gd = (g * d).sum(1)
         uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
