@@ -21,7 +21,6 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -35,9 +34,9 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
 from boxprobe.config import ConfigError, check_choice, from_dict
-from boxprobe.positions import LABEL_RE, ROLES, batch_position_table, label_box, parse_description
+from boxprobe.labels import query_labels
+from boxprobe.positions import ROLES, batch_position_table
 from boxprobe.prompts import FORMATS, Query
-from boxprobe.task import Operation, State, apply_operation
 
 logger = logging.getLogger(__name__)
 
@@ -139,59 +138,6 @@ def resolve_hooks(model, patterns: Sequence[str]) -> list[HookGroup]:
         key, layer = _split_name(name)
         groups.setdefault(key, []).append((layer, name))
     return [HookGroup(k, tuple(n for _, n in sorted(v)), tuple(l for l, _ in sorted(v))) for k, v in groups.items()]
-
-
-# -- labels -------------------------------------------------------------------------------------
-
-
-def states_from_context(context: str) -> list[State]:
-    """Every state a description passes through: the initial state, then one after each operation.
-
-    Parses the text (``positions.parse_description``) and replays its operations with
-    ``task.apply_operation``, so it works for any file in the boxes phrasings.
-    """
-    mentions = parse_description(context)
-    boxes = [m.box for m in mentions if m.kind == "box" and m.op_index == -1]
-    states: list[State] = [tuple(tuple(sorted(m.object for m in mentions if m.kind == "object" and m.op_index == -1
-                                              and m.box == b)) for b in range(len(boxes)))]
-    n_ops = 1 + max((m.op_index for m in mentions), default=-1)
-    for i in range(n_ops):
-        named = {m.mention: m.box for m in mentions if m.kind == "box" and m.op_index == i}
-        objects = tuple(sorted(m.object for m in mentions if m.kind == "object" and m.op_index == i))
-        if "move_src" in named:
-            src = named["move_src"]
-            op = Operation("move", objects or states[-1][src], src, named["move_dest"], all_contents=not objects)
-        else:
-            kind = next(k for k in ("remove", "put") if k in named)
-            op = Operation(kind, objects, named[kind])
-        states.append(apply_operation(states[-1], op))
-    return states
-
-
-@lru_cache(maxsize=4096)
-def _context_facts(context: str) -> tuple[tuple[State, ...], tuple[str, ...]]:
-    # Per-box queries share each description between all boxes: parse it once.
-    mentioned = dict.fromkeys(m.object for m in parse_description(context) if m.kind == "object")
-    return tuple(states_from_context(context)), tuple(mentioned)
-
-
-def query_labels(query: Query) -> dict:
-    """Probe labels of a query: queried box, its gold contents, the full state, mentioned objects and
-    the queried box's contents 1..3 operations earlier (None before the description starts)."""
-    ex = query.examples[0]
-    states, mentioned = _context_facts(ex.context)
-    box = ex.box if ex.box is not None else label_box(LABEL_RE.search(ex.statement_prefix))
-    state = states[-1]
-    gold = sorted(re.findall(r"\bthe (\w+)", ex.gold))
-    if gold != list(state[box]):
-        raise ValueError(f"sample_id {ex.sample_id}: the gold answer {ex.gold!r} of box {box} disagrees with the state "
-                         f"replayed from its description ({list(state[box])}); the data file is inconsistent.")
-    row = {"sample_id": ex.sample_id, "query_box": box, "numops": ex.numops,
-           "num_operations": ex.num_operations if ex.num_operations is not None else len(states) - 1,
-           "gold": gold, "state": [list(b) for b in state], "mentioned": list(mentioned)}
-    for k in (1, 2, 3):
-        row[f"prior_{k}"] = list(states[-1 - k][box]) if len(states) > k else None
-    return row
 
 
 def queries_sha256(queries: Sequence[Query]) -> str:

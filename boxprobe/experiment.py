@@ -34,9 +34,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from boxprobe import plots
-from boxprobe.cache import CacheConfig, build_cache, file_sha256, states_from_context
+from boxprobe.cache import CacheConfig, build_cache, file_sha256
 from boxprobe.config import check_choice, from_dict
 from boxprobe.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
+from boxprobe.labels import states_from_context
 from boxprobe.models import load_model, model_info
 from boxprobe.probe_metrics import (
     bootstrap_difference,

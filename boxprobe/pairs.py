@@ -42,6 +42,7 @@ import torch
 from jaxtyping import Float, Int
 
 from boxprobe.config import check_choice
+from boxprobe.labels import states_from_context
 from boxprobe.positions import LABEL_RE, PositionError, label_box, parse_description, position_table
 from boxprobe.prompts import PromptTemplate, Query, build_query, load_template
 from boxprobe.task import ALT_BOX_NAMES, MASK, Example, load_vocabulary, render_objects
@@ -188,7 +189,6 @@ def _candidates(kind: str, ex: Example, prompt: str, rng: np.random.Generator,
     """(corrupt example, corrupt answer continuation or None for its own) in the order to try them.
 
     ``prompt`` is the whole clean prompt (demonstrations included): new labels and objects avoid its words."""
-    from boxprobe.cache import states_from_context  # replays the description's operations
 
     context, (style, box) = ex.context, _label_style(ex)
     final = states_from_context(context)[-1]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import boxprobe.interventions as iv
-from boxprobe.cache import CacheConfig, build_cache, query_labels
+from boxprobe.cache import CacheConfig, build_cache
+from boxprobe.labels import query_labels
 from boxprobe.models import load_model
 from boxprobe.probe_metrics import nullspace_projection
 from boxprobe.prompts import build_queries, load_template
