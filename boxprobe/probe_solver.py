@@ -362,7 +362,7 @@ def adam(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, lr: 
 def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol: float, lr: float):
     """Minimise every problem of the batch. Returns (W [L, K, d] on the centred features, b [L, K, 1],
     n_iter [L])."""
-    L, n, d = rotated.R.shape
+    L, _, d = rotated.R.shape
     K = lt.targets.shape[0]
     objective = _Objective(rotated.R, rotated.U, rotated.var, lt.targets, lt.weights, lt.l2, lt.softmax)
     theta = rotated.R.new_zeros(objective.n_problems, (K if lt.softmax else 1) * (d + 1))
