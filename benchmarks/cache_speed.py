@@ -26,11 +26,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from boxprobe.cache import CacheConfig, build_cache  # noqa: E402
-from boxprobe.models import load_model  # noqa: E402
-from boxprobe.prompts import build_queries, load_template  # noqa: E402
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
-from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
+from boxprobe.activations.cache import CacheConfig, build_cache  # noqa: E402
+from boxprobe.models.loading import load_model  # noqa: E402
+from boxprobe.data.prompts import build_queries, load_template  # noqa: E402
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
+from boxprobe.models.toy import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def toy_checkpoint(directory: Path, n_layers: int) -> Path:

@@ -24,10 +24,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from boxprobe.evaluate import evaluate  # noqa: E402
-from boxprobe.models import load_model  # noqa: E402
-from boxprobe.task import TaskConfig, generate_dataset, read_examples  # noqa: E402
-from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
+from boxprobe.behaviour.evaluate import evaluate  # noqa: E402
+from boxprobe.models.loading import load_model  # noqa: E402
+from boxprobe.data.task import TaskConfig, generate_dataset, read_examples  # noqa: E402
+from boxprobe.models.toy import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def random_toy_model(directory: Path) -> Path:

@@ -32,11 +32,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformer_lens.patching as tl_patching  # noqa: E402
 
-from boxprobe.models import load_model  # noqa: E402
-from boxprobe.pairs import build_pairs, collate_pairs  # noqa: E402
-from boxprobe.patching import logit_diff, patch_resid_pre  # noqa: E402
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
-from boxprobe.toy.train import ModelShape, save_random_checkpoint  # noqa: E402
+from boxprobe.models.loading import load_model  # noqa: E402
+from boxprobe.data.pairs import build_pairs, collate_pairs  # noqa: E402
+from boxprobe.causal.patching import logit_diff, patch_resid_pre  # noqa: E402
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
+from boxprobe.models.toy import ModelShape, save_random_checkpoint  # noqa: E402
 
 
 def random_toy_model(directory: Path) -> Path:

@@ -8,7 +8,7 @@ with a strength that grows with depth), or real ones:
 
 - ``--model M``: caches checkpoint M (e.g. ``assets/models/toy-base``) on a freshly generated test subsample
   (``--per-numops`` states per numops value, all 7 boxes each) in a temporary directory first;
-- ``--cache DIR``: an existing boxprobe.cache directory;
+- ``--cache DIR``: an existing boxprobe.activations.cache directory;
 - in both, features of --hook at --role, labels from the metadata column --label, split by sample_id;
 - ``--features``: an .npz with X [n_items, n_layers, d_model] and y [n_items], or a directory holding X.npy
   and y.npy.
@@ -47,8 +47,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
-from boxprobe.probe_metrics import split_by_group
-from boxprobe.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
+from boxprobe.probing.metrics import split_by_group
+from boxprobe.probing.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
 
 
 def synthetic_cache(n_items: int, n_layers: int, d_model: int, n_classes: int, seed: int, isotropic: bool = False):
@@ -81,8 +81,8 @@ def load_features(path: Path):
 def load_cache(directory: Path, hook: str, role: str, label: str):
     """(X, y, groups, mask): y [n] for a scalar column; for a column of object lists, y [n, n_objects] in/out
     with mask [n, n_objects] = the object is mentioned in the context (the contents probe's counted cells)."""
-    from boxprobe.cache import open_cache  # only needed for real caches
-    from boxprobe.probe_metrics import contents_labels, mentioned_mask
+    from boxprobe.activations.cache import open_cache  # only needed for real caches
+    from boxprobe.probing.metrics import contents_labels, mentioned_mask
 
     cache = open_cache(directory)
     meta = cache.metadata(role)
@@ -100,10 +100,10 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
 
 def cache_model(model_path: str, per_numops: int, seed: int, directory: Path) -> Path:
     """Cache resid_post at query_last of a checkpoint on a fresh test subsample; returns the cache directory."""
-    from boxprobe.cache import CacheConfig, build_cache, file_sha256
-    from boxprobe.models import load_model, model_info
-    from boxprobe.prompts import build_queries, load_template
-    from boxprobe.task import TaskConfig, generate_dataset, read_examples
+    from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
+    from boxprobe.models.loading import load_model, model_info
+    from boxprobe.data.prompts import build_queries, load_template
+    from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 
     data = generate_dataset(TaskConfig(seed=seed), directory / "data", subsample_per_numops=per_numops)
     model = load_model(model_path)

@@ -18,7 +18,7 @@ VARIANTS = ("alt-forms", "disjoint-vocab", "numops-split", "move-contents", "seq
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from boxprobe.task import TaskConfig, generate_dataset
+    from boxprobe.data.task import TaskConfig, generate_dataset
 
     variants = set(args.variant or ())
     cfg = TaskConfig(
@@ -36,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from boxprobe.evaluate import evaluate_file
+    from boxprobe.behaviour.evaluate import evaluate_file
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
@@ -50,7 +50,7 @@ def _probe(args: argparse.Namespace) -> int:
     import dataclasses
 
     from boxprobe.config import load_yaml_config
-    from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+    from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
 
     cfg = load_yaml_config(ProbeExperimentConfig, args.config)
     if args.out:
@@ -65,7 +65,7 @@ def _probe(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from boxprobe.demo import DemoConfig, run_demo
+    from boxprobe.pipeline.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out_dir=str(args.out))
     if args.models:
@@ -84,7 +84,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from boxprobe.dashboard import dashboard_from_run
+    from boxprobe.report.dashboard import dashboard_from_run
 
     print(f"wrote {dashboard_from_run(args.run_dir)}")
     return 0
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=None, help="override the config's out_dir")
     pr.set_defaults(func=_probe)
 
-    from boxprobe.demo import STAGES
+    from boxprobe.pipeline.demo import STAGES
 
     de = sub.add_parser("demo", help="every analysis stage on the bundled toy models, with a dashboard")
     de.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")

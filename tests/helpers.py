@@ -128,8 +128,8 @@ def make_toy_checkpoint(path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=None, 
     logits far from uniform, so heads and answers differ. ``edit(model, tokenizer)`` may change
     weights before saving.
     """
-    from boxprobe.toy.tokenizer import build_tokenizer
-    from boxprobe.toy.train import ModelShape, build_model, save_checkpoint
+    from boxprobe.models.toy import build_tokenizer
+    from boxprobe.models.toy import ModelShape, build_model, save_checkpoint
 
     tok = tokenizer if tokenizer is not None else build_tokenizer(str(path))
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from boxprobe.attention import (
+from boxprobe.activations.attention import (
     MENTION_ROLES,
     ROLES,
     aggregate_attention,
@@ -24,11 +24,11 @@ from boxprobe.attention import (
     role_masses,
     role_positions,
 )
-from boxprobe.dashboard import RUN_FILES
-from boxprobe.models import load_model
-from boxprobe.positions import batch_position_table
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
+from boxprobe.report.dashboard import RUN_FILES
+from boxprobe.models.loading import load_model
+from boxprobe.data.positions import batch_position_table
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
 N_LAYERS, N_HEADS = 2, 4

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-import boxprobe.cache as cache_mod
-from boxprobe.cache import (
+import boxprobe.activations.cache as cache_mod
+from boxprobe.activations.cache import (
     CacheConfig,
     CacheMismatchError,
     build_cache,
@@ -18,10 +18,10 @@ from boxprobe.cache import (
     resolve_hooks,
 )
 from boxprobe.config import ConfigError
-from boxprobe.labels import query_labels
-from boxprobe.models import load_model
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
+from boxprobe.data.labels import query_labels
+from boxprobe.models.loading import load_model
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
 DATA = TaskConfig(num_boxes=3, num_samples=4, num_operations=4, seed=1)

@@ -1,4 +1,4 @@
-"""Tests for boxprobe.dashboard: one self-contained HTML file, built from a run directory, that a
+"""Tests for boxprobe.report.dashboard: one self-contained HTML file, built from a run directory, that a
 real (headless) browser renders without JavaScript errors."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 import pytest
 from plotly.offline import get_plotlyjs
 
-from boxprobe import plots
-from boxprobe.dashboard import Section, dashboard_from_run, write_dashboard
+from boxprobe.report import plots
+from boxprobe.report.dashboard import Section, dashboard_from_run, write_dashboard
 
 FIG_DIV = re.compile(r'<div id="bp-fig-\d+" class="plotly-graph-div')
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.IGNORECASE)

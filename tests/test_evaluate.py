@@ -9,13 +9,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import boxprobe.evaluate as ev
+import boxprobe.behaviour.evaluate as ev
 from boxprobe.cli import main
-from boxprobe.evaluate import ContextLengthError, evaluate, evaluate_file, kv_cache_works
-from boxprobe.models import ModelLoadError, load_model
-from boxprobe.scoring import parse_contents
-from boxprobe.task import MASK, TaskConfig, generate_sequences, load_vocabulary, sequence_examples, write_examples
-from boxprobe.toy.tokenizer import build_tokenizer
+from boxprobe.behaviour.evaluate import ContextLengthError, evaluate, evaluate_file, kv_cache_works
+from boxprobe.models.loading import ModelLoadError, load_model
+from boxprobe.behaviour.scoring import parse_contents
+from boxprobe.data.task import MASK, TaskConfig, generate_sequences, load_vocabulary, sequence_examples, write_examples
+from boxprobe.models.toy import build_tokenizer
 from helpers import make_toy_checkpoint
 
 TOY_META = {"prompt_template": "toy", "prompt_format": "per-box"}

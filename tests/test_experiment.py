@@ -5,9 +5,9 @@ import plotly.graph_objects as go
 import pytest
 
 from boxprobe.config import ConfigError
-from boxprobe.dashboard import dashboard_from_run
-from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
-from boxprobe.task import TaskConfig, generate_dataset
+from boxprobe.report.dashboard import dashboard_from_run
+from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
+from boxprobe.data.task import TaskConfig, generate_dataset
 from helpers import make_toy_checkpoint
 
 
@@ -57,7 +57,7 @@ def test_probe_experiment_config_rejects_typos():
 
 
 def test_global_state_end_reads_the_last_period_once_per_context():
-    from boxprobe.experiment import _global_end_target
+    from boxprobe.probing.experiment import _global_end_target
 
     contexts = ["Box 0 contains nothing, Box 1 contains the apple. Move the apple from Box 1 to Box 0.",
                 "Box 0 contains nothing, Box 1 contains the apple. Move the apple from Box 1 to Box 0.",
@@ -81,8 +81,8 @@ def test_global_state_end_reads_the_last_period_once_per_context():
 
 
 def test_global_state_targets_run_with_block_baselines(toy_pair):
-    from boxprobe.experiment import _global_target
-    from boxprobe.probe_metrics import majority_state_baseline, split_by_group
+    from boxprobe.probing.experiment import _global_target
+    from boxprobe.probing.metrics import majority_state_baseline, split_by_group
 
     dirs, data, root = toy_pair
     cfg = ProbeExperimentConfig(models=(dirs[0],), data=data, out_dir=str(root / "run_global"),
@@ -92,8 +92,8 @@ def test_global_state_targets_run_with_block_baselines(toy_pair):
     assert set(acc.probe) == {"global_state", "global_state_end"}
     assert set(acc.kind) == {"task", "control", "majority"} and acc.value.between(0, 1).all()
     # The majority line is each object's most frequent box, on the same split as the probe.
-    from boxprobe.cache import open_cache
-    from boxprobe.task import load_vocabulary
+    from boxprobe.activations.cache import open_cache
+    from boxprobe.data.task import load_vocabulary
 
     meta = open_cache(root / "run_global" / "cache" / "toy-a").metadata("query_last").reset_index(drop=True)
     target = _global_target(meta, load_vocabulary("objects"))

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-import boxprobe.interventions as iv
-from boxprobe.cache import CacheConfig, build_cache
-from boxprobe.labels import query_labels
-from boxprobe.models import load_model
-from boxprobe.probe_metrics import nullspace_projection
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
+import boxprobe.probing.interventions as iv
+from boxprobe.activations.cache import CacheConfig, build_cache
+from boxprobe.data.labels import query_labels
+from boxprobe.models.loading import load_model
+from boxprobe.probing.metrics import nullspace_projection
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
 D_MODEL = 32

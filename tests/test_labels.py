@@ -1,8 +1,8 @@
 """States replayed from a description, and the probe labels of a query, against the generator's own."""
 
-from boxprobe.labels import query_labels, states_from_context
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.task import TaskConfig, generate_sequences, render_description, sequence_examples
+from boxprobe.data.labels import query_labels, states_from_context
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.task import TaskConfig, generate_sequences, render_description, sequence_examples
 
 DATA = TaskConfig(num_boxes=3, num_samples=4, num_operations=4, seed=1)
 

@@ -1,4 +1,4 @@
-"""Tests for boxprobe.models (loading, errors, pair checks) and boxprobe.registry (paper data)."""
+"""Tests for boxprobe.models.loading (loading, errors, pair checks) and boxprobe.models.registry (paper data)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from helpers import DEFAULT_WORDS, make_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from boxprobe import registry
-from boxprobe.models import (
+from boxprobe.models import registry
+from boxprobe.models.loading import (
     ModelLoadError,
     ModelMismatchError,
     check_same_family,
@@ -309,7 +309,7 @@ def test_resolve_model_name_and_frame():
 
 
 def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(tiny_llama_dir):
-    from boxprobe.models import compare_models, load_model, model_info
+    from boxprobe.models.loading import compare_models, load_model, model_info
 
     trained = load_model(tiny_llama_dir)
     fresh = load_model(tiny_llama_dir, random_init=True, seed=1)

@@ -14,11 +14,11 @@ import torch
 import transformer_lens.patching as tlp
 from tokenizers import pre_tokenizers
 
-from boxprobe import patching as P
-from boxprobe.models import ModelMismatchError, load_model
-from boxprobe.pairs import PAIR_KINDS, build_pairs, collate_pairs
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
-from boxprobe.toy.tokenizer import build_tokenizer
+from boxprobe.causal import patching as P
+from boxprobe.models.loading import ModelMismatchError, load_model
+from boxprobe.data.pairs import PAIR_KINDS, build_pairs, collate_pairs
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
+from boxprobe.models.toy import build_tokenizer
 from helpers import make_toy_checkpoint
 
 CFG = TaskConfig(num_boxes=4, num_samples=6, num_operations=1, seed=3)
@@ -131,7 +131,7 @@ def test_length_mismatch_is_rejected_counted_and_logged(caplog):
     tok = build_tokenizer()  # digits split one by one: every unused label ("Box 10".."Box 19") is one token longer
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [tok.backend_tokenizer.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True)])
-    with caplog.at_level(logging.WARNING, logger="boxprobe.pairs"):
+    with caplog.at_level(logging.WARNING, logger="boxprobe.data.pairs"):
         pairs, stats = build_pairs(examples, "random-label", tok, template="toy")
     empty = sum(e.gold == "nothing" for e in examples)
     assert pairs == [] and stats.rejected["length"] == len(examples) - empty > 0

@@ -1,4 +1,4 @@
-"""Tests for boxprobe.plots: trace counts, axis ranges, column checks and the paper overlay."""
+"""Tests for boxprobe.report.plots: trace counts, axis ranges, column checks and the paper overlay."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from boxprobe import plots
-from boxprobe.registry import PAPER_ACCURACY
+from boxprobe.report import plots
+from boxprobe.models.registry import PAPER_ACCURACY
 
 
 def behaviour_frame(models=("CodeLlama-7b",), n=100):

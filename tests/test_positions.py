@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from boxprobe.positions import (
+from boxprobe.data.positions import (
     ROLES,
     PositionError,
     batch_position_table,
@@ -14,9 +14,9 @@ from boxprobe.positions import (
     position_table,
     positions_of,
 )
-from boxprobe.prompts import build_query, load_template
-from boxprobe.task import ALT_BOX_NAMES, TaskConfig, generate_sequences, sequence_examples
-from boxprobe.toy.tokenizer import build_tokenizer
+from boxprobe.data.prompts import build_query, load_template
+from boxprobe.data.task import ALT_BOX_NAMES, TaskConfig, generate_sequences, sequence_examples
+from boxprobe.models.toy import build_tokenizer
 
 STANDARD = TaskConfig(num_samples=4, num_operations=6, seed=5)
 ALT = TaskConfig(num_samples=6, num_operations=8, seed=7, alt_forms=True, move_contents=True)

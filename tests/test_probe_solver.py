@@ -11,8 +11,8 @@ from scipy.special import logsumexp
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 
-from boxprobe import probe_solver
-from boxprobe.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
+from boxprobe.probing import solver as probe_solver
+from boxprobe.probing.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -39,7 +39,7 @@ def residual_like(n=450, n_layers=3, d=32, n_classes=7, seed=0):
 def test_large_scale_features_reach_the_optimum(precondition, caplog):
     # A stopping test in the solver's whitened coordinates stopped such fits at 2-3x the optimal objective.
     X, y = residual_like()
-    with caplog.at_level(logging.WARNING, logger="boxprobe.probe_solver"):
+    with caplog.at_level(logging.WARNING, logger="boxprobe.probing.solver"):
         probe = LayerwiseLogisticProbe(C=1.0, precondition=precondition).fit(X, y)  # float32, tol=1e-4
     assert not caplog.records  # converged, or stopped at float32's floor (logged at INFO, not a warning)
     tight = LayerwiseLogisticProbe(C=1.0, precondition=precondition, dtype="float64", tol=1e-8).fit(X, y)
@@ -113,11 +113,11 @@ def test_dropping_finished_problems_changes_nothing(monkeypatch):
 
 def test_warns_only_for_problems_that_ran_out_of_iterations(caplog):
     X, y = residual_like(seed=1)
-    with caplog.at_level(logging.INFO, logger="boxprobe.probe_solver"):
+    with caplog.at_level(logging.INFO, logger="boxprobe.probing.solver"):
         LayerwiseLogisticProbe(max_iter=3).fit(X, y)
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "max_iter=3" in warned[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="boxprobe.probe_solver"):
+    with caplog.at_level(logging.INFO, logger="boxprobe.probing.solver"):
         LayerwiseLogisticProbe(dtype="float64", tol=1e-6).fit(X, y)
     assert not caplog.records

@@ -7,7 +7,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
-from boxprobe.probe_metrics import (
+from boxprobe.probing.metrics import (
     bootstrap_difference,
     contents_labels,
     contents_metrics,
@@ -24,7 +24,7 @@ from boxprobe.probe_metrics import (
     selectivity,
     split_by_group,
 )
-from boxprobe.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe, select_C
+from boxprobe.probing.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe, select_C
 
 
 def planted(n=600, n_layers=3, d=16, n_classes=4, strengths=(0.3, 1.0, 3.0), seed=0, offset=5.0):

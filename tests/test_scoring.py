@@ -1,4 +1,4 @@
-"""Tests for boxprobe.scoring: the matching rule, all-boxes splitting, metrics and the random baseline."""
+"""Tests for boxprobe.behaviour.scoring: the matching rule, all-boxes splitting, metrics and the random baseline."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boxprobe import scoring
-from boxprobe.scoring import (
+from boxprobe.behaviour import scoring
+from boxprobe.behaviour.scoring import (
     accuracy_by_numops, contents_match, normal_ci, parse_contents, precision_recall,
     random_baseline_by_numops, random_baseline_probability, split_all_boxes_statement,
     state_accuracy, wilson_ci,

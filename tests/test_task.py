@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from boxprobe.task import (
+from boxprobe.data.task import (
     MASK,
     Operation,
     TaskConfig,
@@ -161,7 +161,7 @@ def test_variant_alt_forms():
     assert two == "Pick up the cup and the pen in Container A and place them into Container B."
     assert render_operation(Operation("remove", ("cup",), 2), cfg) == "Take the cup out of Container C."
     assert render_operation(Operation("put", ("cup",), 3), cfg) == "Place the cup inside Container D."
-    from boxprobe.task import render_initial_state
+    from boxprobe.data.task import render_initial_state
     state = (("apple",), ("bag", "cup"), ()) + ((),) * 4
     assert render_initial_state(state, cfg).startswith(
         "the apple is in Container A, the bag and the cup are in Container B, there is nothing in Container C")
@@ -227,7 +227,7 @@ def test_read_examples_reports_bad_lines(tmp_path):
 
 
 def test_same_seed_gives_identical_files_whatever_the_hash_seed(tmp_path):
-    code = ("import sys; from boxprobe.task import TaskConfig, generate_dataset; "
+    code = ("import sys; from boxprobe.data.task import TaskConfig, generate_dataset; "
             "generate_dataset(TaskConfig(num_samples=60, seed=9, alt_forms=True), sys.argv[1], subsample_per_numops=5)")
     digests = []
     for hash_seed in ("0", "1", "12345"):

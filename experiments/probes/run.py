@@ -6,8 +6,8 @@
 import sys
 
 from boxprobe.config import load_yaml_config
-from boxprobe.dashboard import dashboard_from_run
-from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+from boxprobe.report.dashboard import dashboard_from_run
+from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
 
 if __name__ == "__main__":
     run = ProbeExperiment(load_yaml_config(ProbeExperimentConfig, sys.argv[1])).run()

@@ -6,7 +6,7 @@
 import argparse
 import json
 
-from boxprobe.toy.corpus import CorpusConfig, sample_corpus
+from lab.corpus import CorpusConfig, sample_corpus
 
 
 def main() -> None:

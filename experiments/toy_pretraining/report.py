@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from boxprobe.task import TaskConfig, generate_dataset, read_examples
-from boxprobe.toy.report import (
+from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
+from lab.report import (
     TOY_MODELS,
     accuracy_figure,
     always_nothing_by_numops,

@@ -5,7 +5,7 @@
 
 import argparse
 
-from boxprobe.toy.tokenizer import save_tokenizer
+from boxprobe.models.toy import save_tokenizer
 
 
 def main() -> None:

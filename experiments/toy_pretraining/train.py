@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from boxprobe.config import load_yaml_config
-from boxprobe.toy.train import TrainConfig, train
+from lab.train import TrainConfig, train
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from boxprobe.evaluate import evaluate
-from boxprobe.models import load_model, model_info
-from boxprobe.task import TaskConfig, generate_sequences, sequence_examples
+from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.models.loading import load_model, model_info
+from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 
 MODELS = Path(__file__).resolve().parents[2] / "assets" / "models"
 

@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from boxprobe.toy.corpus import CorpusWeights, boxes_document, code_document
-from boxprobe.toy.tokenizer import build_tokenizer, toy_words
+from lab.corpus import CorpusWeights, boxes_document, code_document
+from boxprobe.models.toy import build_tokenizer, toy_words
 
 
 def test_code_documents_print_exactly_what_python_prints():

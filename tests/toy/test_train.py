@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from boxprobe.models import load_model
-from boxprobe.toy.train import ModelShape, Phase, TrainConfig, train
+from boxprobe.models.loading import load_model
+from lab.train import ModelShape, Phase, TrainConfig, train
 
 TINY = ModelShape(n_layers=1, d_model=32, n_heads=2, d_mlp=64, n_ctx=512)
 
@@ -62,8 +62,10 @@ def test_sigterm_saves_and_stops_resumably(tmp_path):
     import time
 
     code = ("import sys, dataclasses; sys.path.insert(0, sys.argv[2]); from test_train import short_recipe; "
-            "from boxprobe.toy.train import train; train(short_recipe(sys.argv[1], total_tokens=10**9))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), os.path.dirname(__file__)])
+            "from lab.train import train; train(short_recipe(sys.argv[1], total_tokens=10**9))")
+    lab_dir = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "toy_pretraining")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([lab_dir, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), os.path.dirname(__file__)], env=env)
     deadline = time.time() + 60
     while not (tmp_path / "run" / "history.json").exists() and time.time() < deadline:
         time.sleep(0.2)

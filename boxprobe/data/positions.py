@@ -1,10 +1,10 @@
 """Token positions of the entities in a boxes prompt: box labels, objects, sentence ends, the query.
 
 The test description is parsed from its text alone (regular expressions over the phrasings that
-``boxprobe.task`` renders), giving character spans; the fast tokenizer's offset mapping turns those
+``boxprobe.data.task`` renders), giving character spans; the fast tokenizer's offset mapping turns those
 into token indices, so the table holds for word-level, BPE and SentencePiece-style tokenizers alike.
 
->>> from boxprobe.task import Example
+>>> from boxprobe.data.task import Example
 >>> ms = parse_description("Box 0 contains the cup, Box 1 contains nothing. Put the hat into Box 1.")
 >>> [(m.kind, m.box, m.object, m.mention, m.op_index) for m in ms if m.kind != "box"]
 [('object', 0, 'cup', 'initial', -1), ('state_end', None, None, '', -1), ('object', 1, 'hat', 'put', 0), ('op_end', None, None, '', 0)]
@@ -21,8 +21,8 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from boxprobe.prompts import Query
-from boxprobe.task import ALT_BOX_NAMES
+from boxprobe.data.prompts import Query
+from boxprobe.data.task import ALT_BOX_NAMES
 
 logger = logging.getLogger(__name__)
 

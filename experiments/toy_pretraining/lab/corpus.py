@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from boxprobe.task import (
+from boxprobe.data.task import (
     BoxSequence,
     Operation,
     TaskConfig,
@@ -41,7 +41,7 @@ def boxes_document(rng: np.random.Generator, num_boxes: int, max_operations: int
     """A boxes-task description followed by a statement for every box, in random order.
 
     The layout is the ``toy`` prompt template's: ``Description: ...`` then ``Statement: Box k
-    contains ...`` lines, so a prompt built by :mod:`boxprobe.prompts` matches what was trained.
+    contains ...`` lines, so a prompt built by :mod:`boxprobe.data.prompts` matches what was trained.
     """
     cfg = TaskConfig(num_boxes=num_boxes, alt_forms=bool(rng.random() < alt_forms_prob))
     n_ops = int(rng.integers(max_operations + 1))

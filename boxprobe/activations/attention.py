@@ -1,7 +1,7 @@
 """Where each attention head looks from the query's final token: the queried box's labels, the gold objects.
 
 For every layer and head, the attention *mass* from the prompt's last token (role ``query_last`` of
-:mod:`boxprobe.positions`, the "contains" the answer follows) to a role is the sum of the attention
+:mod:`boxprobe.data.positions`, the "contains" the answer follows) to a role is the sum of the attention
 weights over that role's token positions; ``mean_token`` divides it by the number of positions.
 The roles (``ROLES``) are:
 
@@ -34,10 +34,10 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from boxprobe import plots
-from boxprobe.models import model_context_length, model_label
-from boxprobe.positions import batch_position_table
-from boxprobe.prompts import Query
+from boxprobe.report import plots
+from boxprobe.models.loading import model_context_length, model_label
+from boxprobe.data.positions import batch_position_table
+from boxprobe.data.prompts import Query
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Few-shot prompts for the boxes task, in the per-box (2023) and all-boxes (2024) formats.
 
-Instruction wording and demonstrations live in a template file (``assets/templates/*.json``), so a
+Instruction wording and demonstrations live in a template file (``boxprobe/data/templates/*.json``), so a
 user can load another, for example the exact template of a paper they reproduce:
 
->>> from boxprobe.task import Example
+>>> from boxprobe.data.task import Example
 >>> ex = Example(sentence="", sentence_masked="Box 0 contains the cup, Box 1 contains nothing. "
 ...              "Box 0 contains <extra_id_0> .", masked_content="<extra_id_0> the cup", sample_id=0, numops=0)
 >>> q = build_query([ex], load_template("toy"))
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from boxprobe.config import ConfigError, check_choice, from_dict
-from boxprobe.task import ASSETS, Example
+from boxprobe.data.task import DATA_DIR, Example
 
 PromptFormat = Literal["per-box", "all-boxes"]
 FORMATS = ("per-box", "all-boxes")
@@ -70,9 +70,9 @@ def load_template(name_or_path: str | Path = "default") -> PromptTemplate:
     """A bundled template by name (``default``, ``toy``) or a JSON template file."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = ASSETS / "templates" / f"{name_or_path}.json"
+        path = DATA_DIR / "templates" / f"{name_or_path}.json"
         if not path.exists():
-            bundled = sorted(p.stem for p in (ASSETS / "templates").glob("*.json"))
+            bundled = sorted(p.stem for p in (DATA_DIR / "templates").glob("*.json"))
             raise ConfigError(f"No bundled prompt template {name_or_path!r}; bundled: {', '.join(bundled)}, "
                               "or pass the path of a JSON template file.")
     if not path.exists():

@@ -1,4 +1,4 @@
-"""The batched solver behind :mod:`boxprobe.probes`: many independent L2 logistic regressions at once.
+"""The batched solver behind :mod:`boxprobe.probing.probes`: many independent L2 logistic regressions at once.
 
 One batch is L layers x K logits over n items. A *problem* is one layer (softmax: the K logits share one loss)
 or one (layer, output) pair (sigmoid: K independent binary regressions). Every problem is minimised

@@ -50,9 +50,9 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from boxprobe.config import check_choice
-from boxprobe.decoding import cache_keyword_fix, kv_cache_works
-from boxprobe.models import check_same_family, model_label
-from boxprobe.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
+from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works
+from boxprobe.models.loading import check_same_family, model_label
+from boxprobe.data.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
     Metric, PairBatch, answer_accuracy, attach_baselines, build_pairs, collate_pairs, logit_diff,
     normalised_logit_diff, with_baselines)
 

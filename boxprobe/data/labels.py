@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from boxprobe.positions import LABEL_RE, label_box, parse_description
-from boxprobe.prompts import Query
-from boxprobe.task import Operation, State, apply_operation
+from boxprobe.data.positions import LABEL_RE, label_box, parse_description
+from boxprobe.data.prompts import Query
+from boxprobe.data.task import Operation, State, apply_operation
 
 
 def states_from_context(context: str) -> list[State]:

@@ -26,7 +26,8 @@ import numpy as np
 
 from boxprobe.config import check_choice, from_dict
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DATA_DIR = Path(__file__).resolve().parent
+"""Package data: ``vocab/`` and ``templates/`` travel inside the wheel."""
 MASK = "<extra_id_0>"
 OPERATION_KINDS = ("move", "remove", "put")
 SPLITS = ("train", "dev", "test")
@@ -38,7 +39,7 @@ State = tuple[tuple[str, ...], ...]
 @cache
 def load_vocabulary(name: str = "objects") -> tuple[str, ...]:
     """The bundled object vocabulary: ``"objects"`` (common nouns) or ``"objects_rare"``."""
-    path = ASSETS / "vocab" / f"{name}.txt"
+    path = DATA_DIR / "vocab" / f"{name}.txt"
     if not path.exists():
         raise FileNotFoundError(f"No vocabulary {name!r}: expected a word list at {path}.")
     words = [w.strip() for w in path.read_text().splitlines()]

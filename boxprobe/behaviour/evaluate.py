@@ -2,7 +2,7 @@
 
 ``method="generate"`` decodes greedily (left-padded batches with an explicit attention mask) until a
 token holding "." or a newline, EOS, or ``max_new_tokens``; predictions are scored with the set rule
-of :mod:`boxprobe.scoring`. ``method="fast"`` teacher-forces the gold continuation (with its closing
+of :mod:`boxprobe.behaviour.scoring`. ``method="fast"`` teacher-forces the gold continuation (with its closing
 ".") in one pass: greedy decoding reproduces the gold tokens exactly iff the argmax at every gold
 position is the gold token, the gold ends with a stop token and has none before. The fast verdict
 is therefore *token exact match*; it counts as wrong an answer that names the right objects in
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.config import check_choice
-from boxprobe.decoding import (
+from boxprobe.behaviour.decoding import (
     EncodedQuery,
     batches_by_context,
     cache_keyword_fix,
@@ -58,10 +58,10 @@ from boxprobe.decoding import (
     kv_cache_works,
     stop_ids,
 )
-from boxprobe.models import load_model, model_context_length, model_info, model_label
-from boxprobe.prompts import PromptTemplate, build_queries, load_template
-from boxprobe.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
-from boxprobe.task import OPERATION_KINDS, Example, read_examples
+from boxprobe.models.loading import load_model, model_context_length, model_info, model_label
+from boxprobe.data.prompts import PromptTemplate, build_queries, load_template
+from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
+from boxprobe.data.task import OPERATION_KINDS, Example, read_examples
 
 logger = logging.getLogger(__name__)
 Method = Literal["fast", "generate", "both"]

@@ -19,19 +19,19 @@ import pandas as pd
 import torch
 
 from boxprobe import __version__
-from boxprobe.attention import aggregate_attention, attention_heads_table, attention_to_roles
+from boxprobe.activations.attention import aggregate_attention, attention_heads_table, attention_to_roles
 from boxprobe.config import check_choice, from_dict
-from boxprobe.dashboard import dashboard_from_run
-from boxprobe.evaluate import evaluate
-from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
-from boxprobe.models import load_model, model_info
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.scoring import accuracy_by_numops
-from boxprobe.task import ASSETS, Example, TaskConfig, generate_dataset, read_examples
+from boxprobe.report.dashboard import dashboard_from_run
+from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
+from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_info
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.behaviour.scoring import accuracy_by_numops
+from boxprobe.data.task import Example, TaskConfig, generate_dataset, read_examples
 
 logger = logging.getLogger(__name__)
 STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
-BUNDLED = tuple(str(ASSETS / "models" / name) for name in ("toy-base", "toy-code", "toy-control"))
+BUNDLED = tuple(str(BUNDLED_MODELS_DIR / name) for name in ("toy-base", "toy-code", "toy-control"))
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def patching_stage(models: dict, examples: Sequence[Example], out: Path, n_pairs
     token) and ``cmap.csv`` (the base before/after receiving the donor's heads, per layer and for
     the four heads that matter most in the base).
     """
-    from boxprobe.patching import build_pairs, collate_pairs, cross_model_patch, patch_heads, patch_resid_pre
+    from boxprobe.causal.patching import build_pairs, collate_pairs, cross_model_patch, patch_heads, patch_resid_pre
 
     (base_name, base), *others = models.items()
     pairs, stats = build_pairs(examples, "query-box", base, limit=n_pairs)
@@ -136,10 +136,10 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    missing = [m for m in cfg.models if str(m).startswith(str(ASSETS)) and not Path(m).exists()]
+    missing = [m for m in cfg.models if str(m).startswith(str(BUNDLED_MODELS_DIR)) and not Path(m).exists()]
     if missing:
-        raise FileNotFoundError(f"Bundled model(s) missing: {', '.join(missing)}. They ship in assets/models of a "
-                                "full boxprobe checkout; pass other models with --models.")
+        raise FileNotFoundError(f"Bundled model(s) missing: {', '.join(missing)}. They ship in assets/models of the boxprobe "
+                                "source repository, not in the wheel: clone it and run from there, or pass other models with --models.")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     paths = generate_dataset(TaskConfig(seed=cfg.seed), out / "data", subsample_per_numops=cfg.per_numops)

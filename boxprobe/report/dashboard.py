@@ -37,8 +37,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from boxprobe import plots
-from boxprobe.registry import PAPER_CITATION
+from boxprobe.report import plots
+from boxprobe.models.registry import PAPER_CITATION
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     missing = [c for c in RUN_FILES[path.name] if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
-                         f"{', '.join(RUN_FILES[path.name])} (see boxprobe.dashboard docstring)")
+                         f"{', '.join(RUN_FILES[path.name])} (see boxprobe.report.dashboard docstring)")
     if df.empty:
         raise ValueError(f"{path}: the file has a header but no rows; delete it or re-run the step")
     return df

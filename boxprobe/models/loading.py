@@ -1,6 +1,6 @@
 """Loading models as TransformerBridges, and checking that two models can be patched together.
 
-Hub ids, registry names (see `boxprobe.registry`) and local checkpoint directories all go through
+Hub ids, registry names (see `boxprobe.models.registry`) and local checkpoint directories all go through
 `TransformerBridge.boot_transformers`, so a fine-tuned checkpoint and its hub original are loaded
 and hooked identically. Failures a user can hit (missing directory, a model absent from the
 offline cache) are turned into `ModelLoadError`s that name the model and say what to do.
@@ -19,11 +19,13 @@ from typing import Any, Literal, Sequence
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from boxprobe.registry import resolve_model_name
+from boxprobe.models.registry import resolve_model_name
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "boxprobe.json"
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"
+"""The toy checkpoints ship with the source repository (``assets/models``), not inside the wheel."""
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

@@ -5,7 +5,7 @@ semantic positions, fit layer-wise probes on a split by ``sample_id`` (hyperpara
 validation, never test), score them against controls, compare models — and writes tidy CSVs in
 the dashboard's run layout::
 
-    from boxprobe.experiment import ProbeExperiment, ProbeExperimentConfig
+    from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
     cfg = ProbeExperimentConfig(models=("assets/models/toy-base", "assets/models/toy-code"),
                                 data="data/boxes/test-subsample.jsonl", out_dir="runs/probes")
     run = ProbeExperiment(cfg).run()
@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from boxprobe import plots
-from boxprobe.cache import CacheConfig, build_cache, file_sha256
+from boxprobe.report import plots
+from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
 from boxprobe.config import check_choice, from_dict
-from boxprobe.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
-from boxprobe.labels import states_from_context
-from boxprobe.models import load_model, model_info
-from boxprobe.probe_metrics import (
+from boxprobe.probing.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
+from boxprobe.data.labels import states_from_context
+from boxprobe.models.loading import load_model, model_info
+from boxprobe.probing.metrics import (
     bootstrap_difference,
     contents_labels,
     contents_metrics,
@@ -50,10 +50,10 @@ from boxprobe.probe_metrics import (
     mentioned_mask,
     split_by_group,
 )
-from boxprobe.positions import LABEL_RE, label_box
-from boxprobe.probes import LayerwiseMultiLabelProbe, select_C
-from boxprobe.prompts import build_queries, load_template
-from boxprobe.task import load_vocabulary, read_examples
+from boxprobe.data.positions import LABEL_RE, label_box
+from boxprobe.probing.probes import LayerwiseMultiLabelProbe, select_C
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.task import load_vocabulary, read_examples
 
 logger = logging.getLogger(__name__)
 TARGETS = ("contents", "global_state", "global_state_end", "prior_1", "prior_2", "prior_3", "incremental")
@@ -103,7 +103,7 @@ class ProbeExperimentConfig:
     causal_check_layer: int | None = None
     """If set, the causal check of the contents probe at this layer: project the INLP directions of the most
     frequent answer object out of the query token's residual stream, against random directions of the
-    same norm (see :mod:`boxprobe.interventions`); writes ``causal_check.csv``."""
+    same norm (see :mod:`boxprobe.probing.interventions`); writes ``causal_check.csv``."""
 
     def __post_init__(self) -> None:
         for target in self.targets:

@@ -23,26 +23,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from boxprobe.toy.corpus import CorpusWeights, Segment, boxes_document, code_document
-from boxprobe.toy.tokenizer import build_tokenizer
+from lab.corpus import CorpusWeights, Segment, boxes_document, code_document
+from boxprobe.models.toy import ModelShape, build_model, build_tokenizer, save_checkpoint, save_random_checkpoint  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Architecture of a toy Llama."""
-
-    n_layers: int = 2
-    """Number of transformer blocks."""
-    d_model: int = 128
-    """Width of the residual stream."""
-    n_heads: int = 8
-    """Attention heads per layer."""
-    d_mlp: int = 512
-    """Hidden width of each MLP."""
-    n_ctx: int = 512
-    """Longest sequence the model accepts (a 12-operation prompt is about 230 tokens)."""
 
 
 @dataclass(frozen=True)
@@ -157,45 +141,6 @@ def answer_exact_match(logits: torch.Tensor, tokens: torch.Tensor, weights: torc
         return 0.0
     misses = torch.zeros(n_runs).index_add_(0, run_ids[is_answer], (~correct[is_answer]).float())
     return float((misses == 0).float().mean())
-
-
-def build_model(shape: ModelShape, vocab_size: int, tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
-        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_heads,
-        max_position_embeddings=shape.n_ctx, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
-
-
-def save_checkpoint(model: LlamaForCausalLM, tokenizer, directory: Path, metadata: dict) -> None:
-    """An HF-format checkpoint: config, safetensors weights, tokenizer and ``boxprobe.json``."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "boxprobe.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
-        tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(directory)
-
-
-TOY_METADATA = {"prompt_template": "toy", "prompt_format": "per-box"}
-
-
-def save_random_checkpoint(directory: str | Path, shape: ModelShape = ModelShape(), seed: int = 0,
-                           metadata: dict | None = None) -> Path:
-    """An untrained toy checkpoint (toy tokenizer, seeded init) in the bundled models' format."""
-    directory = Path(directory)
-    tok = build_tokenizer(str(directory))
-    torch.manual_seed(seed)
-    save_checkpoint(build_model(shape, len(tok), tok), tok, directory, TOY_METADATA if metadata is None else metadata)
-    return directory
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -4,7 +4,7 @@ INLP-style ablation (Ravfogel et al. 2020): at ``blocks.{layer}.hook_{resid_post
 activation ``x`` at the chosen token role (default ``query_last``; ``role=None``: every position) is
 replaced by ``x @ P`` with ``P = I - span projection of the directions``
 (:func:`boxprobe.probe_metrics.nullspace_projection`). The gold continuation is teacher-forced in one
-pass (as in :mod:`boxprobe.evaluate`'s fast path) and we read (a) the probability of the probed object's
+pass (as in :mod:`boxprobe.behaviour.evaluate`'s fast path) and we read (a) the probability of the probed object's
 first token at its position in the answer and (b) whether every *other* gold token is still the argmax,
 so a probe whose directions the model uses should lower (a) while leaving (b) mostly intact.
 
@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from boxprobe.decoding import encode_queries, pad_rows, tokenize_texts
-from boxprobe.models import model_label
-from boxprobe.positions import ROLES, batch_position_table
-from boxprobe.probe_metrics import inlp_directions, nullspace_projection, random_directions_like
-from boxprobe.prompts import Query
+from boxprobe.behaviour.decoding import encode_queries, pad_rows, tokenize_texts
+from boxprobe.models.loading import model_label
+from boxprobe.data.positions import ROLES, batch_position_table
+from boxprobe.probing.metrics import inlp_directions, nullspace_projection, random_directions_like
+from boxprobe.data.prompts import Query
 
 logger = logging.getLogger(__name__)
 Directions = Float[torch.Tensor, "k d_model"] | Float[np.ndarray, "k d_model"]

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int, Shaped
 
-from boxprobe.probes import Array, LayerwiseLogisticProbe, _to_numpy
+from boxprobe.probing.probes import Array, LayerwiseLogisticProbe, _to_numpy
 
 
 def _indicator(sets: Sequence[Iterable[str]], vocabulary: Sequence[str], what: str) -> np.ndarray:

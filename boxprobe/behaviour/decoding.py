@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
-from boxprobe.models import model_context_length, model_label
-from boxprobe.prompts import Query
+from boxprobe.models.loading import model_context_length, model_label
+from boxprobe.data.prompts import Query
 
 logger = logging.getLogger(__name__)
 

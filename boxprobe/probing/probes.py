@@ -10,7 +10,7 @@ means the same solution as ``LogisticRegression(C=C)``. Intercepts are not penal
 logit (sklearn's binary parametrisation); three or more classes use the multinomial (softmax) loss.
 
 The solver (batched L-BFGS or Adam, preconditioning, dropping finished problems) is in
-:mod:`boxprobe.probe_solver`. ``tol`` means what it means in sklearn: the max-abs gradient with respect to the
+:mod:`boxprobe.probing.solver`. ``tol`` means what it means in sklearn: the max-abs gradient with respect to the
 coefficients and intercepts.
 """
 
@@ -26,8 +26,8 @@ from jaxtyping import Bool, Float, Shaped
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
-from boxprobe import probe_solver
-from boxprobe.probe_solver import LogisticTargets
+from boxprobe.probing import solver as probe_solver
+from boxprobe.probing.solver import LogisticTargets
 
 logger = logging.getLogger(__name__)
 

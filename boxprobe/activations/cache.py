@@ -34,9 +34,9 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
 from boxprobe.config import ConfigError, check_choice, from_dict
-from boxprobe.labels import query_labels
-from boxprobe.positions import ROLES, batch_position_table
-from boxprobe.prompts import FORMATS, Query
+from boxprobe.data.labels import query_labels
+from boxprobe.data.positions import ROLES, batch_position_table
+from boxprobe.data.prompts import FORMATS, Query
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from typing import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from boxprobe.evaluate import evaluate
-from boxprobe.models import load_model
-from boxprobe.plots import behaviour_accuracy
-from boxprobe.scoring import accuracy_by_numops
-from boxprobe.task import Example
+from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.models.loading import load_model
+from boxprobe.report.plots import behaviour_accuracy
+from boxprobe.behaviour.scoring import accuracy_by_numops
+from boxprobe.data.task import Example
 
 TOY_MODELS = ("toy-base", "toy-code", "toy-control")
 

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from boxprobe.registry import PAPER_CITATION, RANDOM_BASELINE, paper_accuracy_frame
+from boxprobe.models.registry import PAPER_CITATION, RANDOM_BASELINE, paper_accuracy_frame
 
 logger = logging.getLogger(__name__)
 

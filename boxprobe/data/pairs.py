@@ -42,10 +42,10 @@ import torch
 from jaxtyping import Float, Int
 
 from boxprobe.config import check_choice
-from boxprobe.labels import states_from_context
-from boxprobe.positions import LABEL_RE, PositionError, label_box, parse_description, position_table
-from boxprobe.prompts import PromptTemplate, Query, build_query, load_template
-from boxprobe.task import ALT_BOX_NAMES, MASK, Example, load_vocabulary, render_objects
+from boxprobe.data.labels import states_from_context
+from boxprobe.data.positions import LABEL_RE, PositionError, label_box, parse_description, position_table
+from boxprobe.data.prompts import PromptTemplate, Query, build_query, load_template
+from boxprobe.data.task import ALT_BOX_NAMES, MASK, Example, load_vocabulary, render_objects
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class _Builder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.model is not None:
-            from boxprobe.decoding import tokenize_texts  # the BOS rule evaluation uses
+            from boxprobe.behaviour.decoding import tokenize_texts  # the BOS rule evaluation uses
             return tokenize_texts(self.model, texts)
         return [list(r) for r in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
