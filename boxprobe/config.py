@@ -10,10 +10,12 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
+from boxprobe.errors import BoxprobeError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(BoxprobeError, ValueError):
     """A config file or dict that does not fit its dataclass."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,9 +36,12 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from boxprobe.report import plots
-from boxprobe.models.loading import model_context_length, model_label
-from boxprobe.data.positions import batch_position_table
+from boxprobe.behaviour.decoding import pad_rows
+from boxprobe.config import ConfigError
+from boxprobe.data.positions import ROLES as POSITION_ROLES
 from boxprobe.data.prompts import Query
+from boxprobe.data.queries import QuerySet
+from boxprobe.models.loading import model_id, model_label
 
 logger = logging.getLogger(__name__)
 
@@ -140,45 +144,56 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
     return torch.stack(out, dim=1)  # type: ignore[arg-type]
 
 
-def _encode_batch(model, queries: Sequence[Query], start: int):
-    tok = model.tokenizer
-    if tok is None or tok.pad_token_id is None:
-        raise ValueError(f"Model {model_label(model)!r} needs a tokenizer with a pad token to batch prompts; "
-                         "load it with boxprobe.models.load_model, which sets one.")
-    enc = tok([q.prompt for q in queries], padding=True, padding_side="left", return_tensors="pt")
-    table = batch_position_table(queries, tok, padding_side="left")
-    width, n_ctx = enc["input_ids"].shape[1], model_context_length(model)
-    if width > n_ctx:
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: a prompt of {width} tokens exceeds model "
-                         f"{model_label(model)!r}'s context n_ctx={n_ctx}; use a template with fewer demonstrations.")
-    items, pos = torch.tensor(table["item"].to_numpy()), torch.tensor(table["padded_index"].to_numpy())
-    if not bool(enc["attention_mask"][items, pos].all()):
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: role positions fall on padding; the "
-                         "tokenizer's padded ids disagree with its offset mappings.")
-    return enc["input_ids"], enc["attention_mask"], table
+@dataclass(frozen=True)
+class AttentionConfig:
+    """What :func:`attention_to_roles` measures and how it batches."""
+
+    batch_size: int = 16
+    """Prompts per forward pass (left-padded, padding masked)."""
+    by_mention: bool = False
+    """Also split the queried box's label mentions by kind (initial, move_src, ...)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
 
 
-def attention_to_roles(model, queries: Sequence[Query], *, batch_size: int = 16, by_mention: bool = False,
-                       progress: bool = True) -> pd.DataFrame:
+def _padded_batch(queries: QuerySet, start: int, end: int, pad_id: int, device):
+    # Prompts only: every role measured here lies in the prompt, and the query row is its last token.
+    items = queries.items[start:end]
+    tokens, mask = pad_rows([it.prompt for it in items], pad_id, "left", device)
+    table = queries.positions[(queries.positions["item"] >= start) & (queries.positions["item"] < end)]
+    table = table[table["role"].isin(POSITION_ROLES)].copy()
+    table["item"] -= start
+    shift = tokens.shape[1] - np.array([len(it.prompt) for it in items])
+    table["padded_index"] = table["token_index"].to_numpy() + shift[table["item"].to_numpy()]
+    return tokens, mask, table
+
+
+def attention_to_roles(model, queries: QuerySet, config: AttentionConfig = AttentionConfig()) -> pd.DataFrame:
     """Attention mass from each query's final token to each role, per query, layer and head.
 
     Columns: model, query (index into ``queries``), sample_id, num_operations, box (the queried box),
     numops, layer, head, role, mass, n_tokens (positions in the role), mean_token (mass / n_tokens).
-    Prompts are left-padded in batches of ``batch_size`` with the padding masked out.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if not queries:
-        raise ValueError("No queries to measure attention on.")
-    roles = roles_for(by_mention)
+    if not isinstance(queries, QuerySet):
+        raise ConfigError("attention_to_roles takes a query set: queries = boxprobe.prepare(model, examples, spec).")
+    queries.check_model(model)
+    if not len(queries):
+        raise ConfigError("No queries to measure attention on.")
+    cfg, tok = config, model.tokenizer
+    roles = roles_for(cfg.by_mention)
     masses, counts, meta = [], [], []
-    for start in tqdm(range(0, len(queries), batch_size), desc="attention", unit="batch", disable=not progress):
-        batch = queries[start:start + batch_size]
-        tokens, mask, table = _encode_batch(model, batch, start)
+    starts = range(0, len(queries), cfg.batch_size)
+    for start in tqdm(starts, desc="attention", unit="batch", disable=not cfg.progress):
+        batch = queries.queries[start:start + cfg.batch_size]
+        tokens, mask, table = _padded_batch(queries, start, start + len(batch), tok.pad_token_id, model.cfg.device)
         groups = dict(tuple(table.groupby("item")))
         qpos = [int(groups[i].loc[groups[i]["role"] == "query_last", "padded_index"].iloc[0])
                 for i in range(len(batch))]
-        sets = [role_positions(groups[i], q, by_mention) for i, q in enumerate(batch)]
+        sets = [role_positions(groups[i], q, cfg.by_mention) for i, q in enumerate(batch)]
         ind = role_indicator(sets, roles, tokens.shape[1], model.cfg.device)
         masses.append(role_masses(query_attention_rows(model, tokens, mask, qpos), ind).cpu().numpy())
         counts.append(ind.sum(-1).cpu().numpy().astype(np.int32))
@@ -191,7 +206,7 @@ def attention_to_roles(model, queries: Sequence[Query], *, batch_size: int = 16,
     q_idx, l_idx, h_idx, r_idx = (a.ravel() for a in np.indices(m.shape))
     info = pd.DataFrame(meta, columns=["query", *QUERY_KEYS, "numops"])
     frame = info.iloc[q_idx].reset_index(drop=True)
-    frame.insert(0, "model", model_label(model))
+    frame.insert(0, "model", model_id(model))
     n_tokens = np.concatenate(counts)[q_idx, r_idx]
     frame = frame.assign(layer=l_idx.astype(np.int16), head=h_idx.astype(np.int16),
                          role=pd.Categorical.from_codes(r_idx, categories=list(roles)),
@@ -305,9 +320,9 @@ def attention_heads_table(agg: pd.DataFrame) -> pd.DataFrame:
 # -- one example ----------------------------------------------------------------------------------
 
 
-def example_attention_figure(model, query: Query, layer: int | None = None, head: int | None = None,
-                             mark_roles: bool = True) -> go.Figure:
-    """Attention from the query's final token to every token of one prompt.
+def example_attention_figure(model, queries: QuerySet, index: int = 0, layer: int | None = None,
+                             head: int | None = None, mark_roles: bool = True) -> go.Figure:
+    """Attention from the final token of query ``index`` of ``queries`` to every token of its prompt.
 
     Rows: one head (``layer`` and ``head``), every head of ``layer``, ``head`` in every layer, or
     (neither given) each layer's mean over heads. With ``mark_roles``, tokens of the queried box's
@@ -318,7 +333,8 @@ def example_attention_figure(model, query: Query, layer: int | None = None, head
         if value is not None and not 0 <= value < limit:
             raise ValueError(f"{name}={value} is out of range: model {model_label(model)!r} has {limit} {name}s "
                              f"(0..{limit - 1}).")
-    tokens, mask, table = _encode_batch(model, [query], 0)
+    query = queries[index].query
+    tokens, mask, table = _padded_batch(queries, index, index + 1, model.tokenizer.pad_token_id, model.cfg.device)
     qpos = int(table.loc[table["role"] == "query_last", "padded_index"].iloc[0])
     rows = query_attention_rows(model, tokens, mask, [qpos])[0].cpu()  # [layer, head, key]
     if layer is not None and head is not None:

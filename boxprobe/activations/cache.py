@@ -19,11 +19,11 @@ import json
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -34,9 +34,9 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
 from boxprobe.config import ConfigError, check_choice, from_dict
-from boxprobe.data.labels import query_labels
-from boxprobe.data.positions import ROLES, batch_position_table
-from boxprobe.data.prompts import FORMATS, Query
+from boxprobe.errors import BoxprobeError
+from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows
+from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ MANIFEST = "manifest.json"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Manifest fields that must agree before a directory's shards are reused.
 COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
-            "queries_sha256", "n_queries", "prompt_format", "template", "shard_size")
+            "queries_sha256", "n_queries", "spec", "shard_size")
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(BoxprobeError, ValueError):
     """An existing cache directory was made for another model, dataset or setting."""
 
 
@@ -60,29 +60,30 @@ class CacheConfig:
     """Hook names: explicit (``blocks.3.hook_resid_post``), a pattern over layers (``blocks.*.hook_resid_post``)
     or a shorthand over every layer (``resid_post``, ``resid_pre``, ``attn_out``, ``mlp_out``, ``attn.hook_z``)."""
     roles: tuple[str, ...] = ("query_last",)
-    """Token roles whose rows are kept (see ``boxprobe.positions.ROLES``)."""
+    """Token roles whose rows are kept (``boxprobe.data.queries.ALL_ROLES``, answer-prefix roles included)."""
+    layers: tuple[int, ...] | None = None
+    """Block indices to keep of per-layer hooks (None: every layer); hooks outside the blocks are always kept."""
     dtype: str = "float32"
     """Storage dtype: float32, bfloat16 or float16 (activations are cast after the forward pass)."""
     batch_size: int = 16
     """Prompts per forward pass."""
     shard_size: int = 1024
     """Queries per shard; the unit of resumption (a killed run loses at most one shard)."""
-    template: str = "default"
-    """Name of the prompt template the queries were built with (recorded and checked on resume)."""
-    prompt_format: str = "per-box"
-    """Prompt format of the queries: per-box or all-boxes."""
+    reuse_context: bool = True
+    """Run each context's shared prefix once through the key-value cache (when it gives the same logits)."""
 
     def __post_init__(self) -> None:
         for name in ("hooks", "roles"):  # a bare string means one name, not its characters
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(int(x) for x in self.layers))))
         if re.search(r"int8|float8|fp8|8.?bit", str(self.dtype).lower()):
             raise ConfigError(f"dtype {self.dtype!r}: 8-bit activation caches are not offered, because quantising "
                               "activations to 8 bits is known to ruin linear probes; use float32, bfloat16 or float16.")
         check_choice("dtype", self.dtype, STORE_DTYPES)
-        check_choice("prompt_format", self.prompt_format, FORMATS)
         for role in self.roles:
-            check_choice("role", role, ROLES)
+            check_choice("role", role, ALL_ROLES)
         if not self.hooks or not self.roles:
             raise ConfigError("CacheConfig needs at least one hook and one role.")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -110,9 +111,15 @@ def _split_name(name: str) -> tuple[str, int]:
     return re.sub(r"(^|\.)hook_", r"\1", rest), layer
 
 
-def resolve_hooks(model, patterns: Sequence[str]) -> list[HookGroup]:
-    """Expand hook patterns and shorthands against ``model.hook_dict`` and group them by kind."""
+def resolve_hooks(model, patterns: Sequence[str], layers: Sequence[int] | None = None) -> list[HookGroup]:
+    """Expand hook patterns and shorthands against ``model.hook_dict`` and group them by kind.
+
+    ``layers`` keeps only those blocks of per-layer hooks (hooks outside the blocks stay).
+    """
     names, n_layers = model.hook_dict, int(model.cfg.n_layers)
+    if layers is not None and (bad := [l for l in layers if not 0 <= l < n_layers]):
+        raise ConfigError(f"layers {bad} do not exist in model {model.cfg.model_name!r}, which has layers "
+                          f"0..{n_layers - 1}.")
     found: dict[str, None] = {}
     for pattern in patterns:
         head, _, last = pattern.rpartition(".")
@@ -136,15 +143,18 @@ def resolve_hooks(model, patterns: Sequence[str]) -> list[HookGroup]:
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in found:
         key, layer = _split_name(name)
-        groups.setdefault(key, []).append((layer, name))
+        if layers is None or layer == -1 or layer in layers:
+            groups.setdefault(key, []).append((layer, name))
     return [HookGroup(k, tuple(n for _, n in sorted(v)), tuple(l for l, _ in sorted(v))) for k, v in groups.items()]
 
 
-def queries_sha256(queries: Sequence[Query]) -> str:
-    """A hash of everything that determines the prompts and labels of ``queries``."""
+def queries_sha256(queries: QuerySet) -> str:
+    """A hash of everything that determines the token ids and labels of ``queries``."""
     h = hashlib.sha256()
-    for q in queries:
-        h.update(json.dumps([q.prompt, q.continuation, q.prompt_format, [e.to_json() for e in q.examples]]).encode())
+    for it in queries:
+        q = it.query
+        h.update(json.dumps([it.ids, q.prompt, q.continuation, q.prompt_format, [e.to_json() for e in q.examples]])
+                 .encode())
     return h.hexdigest()
 
 
@@ -161,11 +171,14 @@ def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: In
 
 def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
                  batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
-                 groups: Sequence[HookGroup], dtype: torch.dtype) -> dict[str, Float[torch.Tensor, "rows layer ..."]]:
+                 groups: Sequence[HookGroup], dtype: torch.dtype, *, past_key_values=None,
+                 keep_cache: bool = False) -> dict[str, Float[torch.Tensor, "rows layer ..."]] | tuple[dict, object]:
     """One forward pass keeping rows ``(batch_idx, pos_idx)`` of every hook, per group on the host.
 
-    The pass stops once every hook has fired, so layers (and the unembedding) past the last
-    requested hook are skipped. Hooks live only inside ``run_with_hooks`` and are removed on error.
+    Without ``keep_cache`` the pass stops once every hook has fired, so layers (and the unembedding)
+    past the last requested hook are skipped. With it, the pass runs to the end and its key-value
+    cache is returned too, for a suffix pass (``past_key_values``). Hooks live only inside
+    ``run_with_hooks`` and are removed on error.
     """
     buffers: dict[str, torch.Tensor] = {}
     fired: set[str] = set()
@@ -178,37 +191,112 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
                 buffers[group.name] = rows.new_empty((rows.shape[0], len(group.hooks), *rows.shape[1:]), dtype=dtype)
             buffers[group.name][:, slot] = rows
             fired.add(group.hooks[slot])
-            if len(fired) == total:
+            if len(fired) == total and not keep_cache:
                 raise StopAtLayerException(None)  # caught by the bridge's forward: skip the rest of the model
         return hook
 
     fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
+    extra = {"past_key_values": past_key_values} if past_key_values is not None else {}
+    if keep_cache:
+        extra.update(return_type="logits_and_cache", use_cache=True)
     with torch.inference_mode():
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask, return_type=None)
+        out = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
+                                   return_type=extra.pop("return_type", None), **extra)
     if len(fired) != total:
         never = sorted({n for g in groups for n in g.hooks} - fired)
         raise RuntimeError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
                            "they may need enabling (e.g. model.set_use_attn_result(True)).")
-    return {name: buf.cpu() for name, buf in buffers.items()}
+    buffers = {name: buf.cpu() for name, buf in buffers.items()}
+    return (buffers, out[1]) if keep_cache else buffers
 
 
-def _batch(tokenizer, queries: Sequence[Query], start: int, roles: Sequence[str]):
-    """Padded ids, mask, selected (item, position) pairs and their metadata rows for one batch."""
-    enc = tokenizer([q.prompt for q in queries], padding=True, padding_side="left", return_tensors="pt")
-    table = batch_position_table(queries, tokenizer, padding_side="left")
-    table = table[table["role"].isin(roles)]
-    table = table.iloc[table["role"].map({r: i for i, r in enumerate(roles)}).argsort(kind="stable")]
-    items, pos = torch.tensor(table["item"].to_numpy()), torch.tensor(table["padded_index"].to_numpy())
-    if len(table) and not bool(enc["attention_mask"][items, pos].all()):
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: token positions fall on padding; the "
-                         "tokenizer's padded ids disagree with its offset mappings.")
-    labels = pd.DataFrame([query_labels(q) for q in queries]).iloc[table["item"].to_numpy()].reset_index(drop=True)
-    table = table.drop(columns=["char_start", "char_end", "padded_index"]).reset_index(drop=True)
-    table.insert(1, "query_index", table.pop("item") + start)
-    return enc["input_ids"], enc["attention_mask"], items, pos, pd.concat([table, labels], axis=1)
+def _selection(queries: QuerySet, start: int, end: int, roles: Sequence[str]) -> pd.DataFrame:
+    """Position rows of queries ``start..end-1`` at ``roles``, grouped by role in ``roles`` order."""
+    pos = queries.positions
+    table = pos[(pos["item"] >= start) & (pos["item"] < end) & pos["role"].isin(roles)]
+    order = table["role"].map({r: i for i, r in enumerate(roles)}).to_numpy()
+    return table.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
 
 
-def _manifest_request(model, queries: Sequence[Query], cfg: CacheConfig, groups, data_hash: str | None) -> dict:
+def _metadata(queries: QuerySet, table: pd.DataFrame) -> pd.DataFrame:
+    labels = queries.labels.iloc[table["item"].to_numpy()].reset_index(drop=True)
+    meta = table.drop(columns=["char_start", "char_end"]).rename(columns={"item": "query_index"})
+    cols = ["role", "query_index"] + [c for c in meta.columns if c not in ("role", "query_index")]
+    return pd.concat([meta[cols].reset_index(drop=True), labels], axis=1)
+
+
+def _chunks(items: Sequence[EncodedQuery], lengths: Sequence[int], reuse: bool) -> list[tuple[list[int], int]]:
+    """Consecutive items of one context, with the length of the prefix they share (0 without reuse)."""
+    out: list[tuple[list[int], int]] = []
+    for i, it in enumerate(items):
+        if reuse and out and items[out[-1][0][0]].query.examples[0].context == it.query.examples[0].context:
+            out[-1][0].append(i)
+        else:
+            out.append(([i], 0))
+    shared = []
+    for members, _ in out:
+        seqs = [items[i].ids[:lengths[i]] for i in members]
+        n = min(map(len, seqs)) - 1  # every item keeps at least one token for the suffix pass
+        for seq in seqs[1:]:
+            n = next((j for j, (a, b) in enumerate(zip(seqs[0][:n], seq)) if a != b), n)
+        shared.append((members, n if reuse and len(members) > 1 else 0))
+    return shared
+
+
+def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups, store, pad_id: int,
+               reuse: bool) -> dict[str, torch.Tensor]:
+    """Activations of ``table``'s rows (``item`` relative to ``items``): each context's shared prefix
+    runs once through the key-value cache, then every query's own suffix; without reuse, one pass."""
+    device = next(model.parameters()).device
+    rel, tok_idx = table["item"].to_numpy(), table["token_index"].to_numpy()
+    lengths = [0] * len(items)
+    for i, t in zip(rel, tok_idx):
+        lengths[i] = max(lengths[i], int(t) + 1)
+    lengths = [n or 1 for n in lengths]
+    chunks = _chunks(items, lengths, reuse)
+    shared = np.zeros(len(items), dtype=np.int64)
+    chunk_of = np.zeros(len(items), dtype=np.int64)
+    for c, (members, n) in enumerate(chunks):
+        shared[members], chunk_of[members] = n, c
+    in_prefix = tok_idx < shared[rel]
+    out: dict[str, torch.Tensor] = {}
+
+    def place(acts: dict[str, torch.Tensor], rows: np.ndarray) -> None:
+        for g, a in acts.items():
+            if g not in out:
+                out[g] = a.new_empty((len(table), *a.shape[1:]))
+            out[g][torch.from_numpy(rows)] = a
+
+    cache = None
+    if shared.any():
+        ids, mask = pad_rows([items[m[0]].ids[:n] for m, n in chunks if n] or [[pad_id]], pad_id, "left", device)
+        with_prefix = [c for c, (_, n) in enumerate(chunks) if n]
+        slot = {c: s for s, c in enumerate(with_prefix)}
+        rows = np.flatnonzero(in_prefix)
+        b = np.array([slot[c] for c in chunk_of[rel[rows]]], dtype=np.int64)
+        p = tok_idx[rows] + ids.shape[1] - shared[rel[rows]]  # left padding shifts the prefix right
+        acts, cache = run_selected(model, ids, mask, torch.from_numpy(b).to(device), torch.from_numpy(p).to(device),
+                                   groups, store, keep_cache=True)
+        place(acts, rows)
+        expand = torch.tensor([slot[chunk_of[i]] if shared[i] else 0 for i in range(len(items))], device=device)
+        cache.reorder_cache(expand)
+        prefix_mask = mask[expand] * torch.tensor(shared > 0, device=device)[:, None]
+    rows = np.flatnonzero(~in_prefix)
+    if len(rows):
+        suffixes = [it.ids[s:n] for it, s, n in zip(items, shared, lengths)]
+        ids, mask = pad_rows(suffixes, pad_id, "right" if cache is not None else "left", device)
+        pos = tok_idx[rows] - shared[rel[rows]]
+        if cache is None:
+            pos = pos + ids.shape[1] - np.array([len(suffixes[i]) for i in rel[rows]])
+        else:
+            mask = torch.cat([prefix_mask, mask], 1)
+        acts = run_selected(model, ids, mask, torch.from_numpy(rel[rows]).to(device), torch.from_numpy(pos).to(device),
+                            groups, store, past_key_values=cache)
+        place(acts, rows)
+    return out
+
+
+def _manifest_request(model, queries: QuerySet, cfg: CacheConfig, groups, data_hash: str | None) -> dict:
     info = getattr(model, "boxprobe_info", None)
     q_hash = queries_sha256(queries)
     return {
@@ -220,7 +308,8 @@ def _manifest_request(model, queries: Sequence[Query], cfg: CacheConfig, groups,
         "dtype": cfg.dtype, "hooks": [h for g in groups for h in g.hooks], "roles": list(cfg.roles),
         "groups": {g.name: {"hooks": list(g.hooks), "layers": list(g.layers)} for g in groups},
         "data_sha256": data_hash or q_hash, "queries_sha256": q_hash, "n_queries": len(queries),
-        "prompt_format": cfg.prompt_format, "template": cfg.template, "shard_size": cfg.shard_size,
+        "spec": queries.spec.describe(), "layers": None if cfg.layers is None else list(cfg.layers),
+        "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size, "boxprobe_version": boxprobe.__version__,
     }
 
@@ -248,20 +337,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def build_cache(model, queries: Sequence[Query], out_dir: str | Path, cfg: CacheConfig, data_hash: str | None = None,
+def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig, data_hash: str | None = None,
                 progress: bool = True, on_batch: Callable[[int, int], None] | None = None,
                 on_shard: Callable[[int], None] | None = None) -> "CacheReader":
-    """Cache ``cfg.hooks`` at ``cfg.roles`` over ``queries`` into ``out_dir``, resuming a previous run there.
+    """Cache ``cfg.hooks`` at ``cfg.roles`` over ``queries`` (:func:`boxprobe.data.queries.prepare`) into
+    ``out_dir``, resuming a previous run there.
+
+    Each context's shared prefix runs once through the key-value cache (``cfg.reuse_context``, when
+    :func:`boxprobe.behaviour.decoding.kv_cache_works` on the data), then each query's own suffix.
 
     ``data_hash`` is the sha256 of the data file the queries came from (default: a hash of the
     queries). ``on_batch(shard, batch)`` runs after each forward pass and ``on_shard(shard)`` after
     each shard is written. Raises ``CacheMismatchError`` if ``out_dir`` holds another cache.
     """
     out = Path(out_dir)
-    if queries and any(q.prompt_format != cfg.prompt_format for q in queries):
-        raise ConfigError(f"CacheConfig.prompt_format is {cfg.prompt_format!r} but the queries are "
-                          f"{queries[0].prompt_format!r}; build them with the same format.")
-    groups = resolve_hooks(model, cfg.hooks)
+    if not isinstance(queries, QuerySet):
+        raise ConfigError("build_cache takes a query set: queries = boxprobe.prepare(model, examples, spec).")
+    queries.check_model(model)
+    groups = resolve_hooks(model, cfg.hooks, cfg.layers)
     request = _manifest_request(model, queries, cfg, groups, data_hash)
     path, tok = out / MANIFEST, model.tokenizer
     if tok is None or tok.pad_token_id is None:
@@ -287,37 +380,38 @@ def build_cache(model, queries: Sequence[Query], out_dir: str | Path, cfg: Cache
         os.replace(path.with_name(MANIFEST + ".tmp"), path)
 
     save_manifest()
-    store, device = STORE_DTYPES[cfg.dtype], next(model.parameters()).device
+    store = STORE_DTYPES[cfg.dtype]
     jobs = [(k, b, s, min(s + cfg.batch_size, n, (k + 1) * size)) for k in range(n_shards) if k not in done
             for b, s in enumerate(range(k * size, min(n, (k + 1) * size), cfg.batch_size))]
     bar = tqdm(total=n, initial=n - sum(e - s for _, _, s, e in jobs), unit="item", desc="caching",
                disable=not progress)
     parts: dict[str, list[torch.Tensor]] = {}
     tables: list[pd.DataFrame] = []
-    # A worker thread tokenizes and locates positions of the next batch while the model runs.
-    with bar, ThreadPoolExecutor(max_workers=1) as pool:
-        prep = lambda j: pool.submit(_batch, tok, queries[jobs[j][2]:jobs[j][3]], jobs[j][2], cfg.roles)
-        pending = prep(0) if jobs else None
-        for j, (k, b, start, end) in enumerate(jobs):
-            tokens, mask, items, pos, table = pending.result()
-            pending = prep(j + 1) if j + 1 < len(jobs) else None
-            acts = run_selected(model, tokens.to(device), mask.to(device), items.to(device), pos.to(device),
-                                groups, store)
-            for role in cfg.roles:
-                keep = torch.tensor((table["role"] == role).to_numpy())
-                for g, a in acts.items():
-                    parts.setdefault(f"{g}/{role}", []).append(a[keep])
-            tables.append(table)
-            bar.update(end - start)
-            if on_batch is not None:
-                on_batch(k, b)
-            if j + 1 == len(jobs) or jobs[j + 1][0] != k:
-                _write_shard(out, k, parts, pd.concat(tables, ignore_index=True))
-                parts, tables = {}, []
-                done.add(k)
-                save_manifest()
-                if on_shard is not None:
-                    on_shard(k)
+    with cache_keyword_fix(model):
+        reuse = cfg.reuse_context and bool(len(queries)) and kv_cache_works(model, queries[0].ids)
+        if cfg.reuse_context and not reuse:
+            logger.warning("the key-value cache of %s is unavailable; caching without prefix reuse.",
+                           model.cfg.model_name)
+        with bar:
+            for j, (k, b, start, end) in enumerate(jobs):
+                table = _selection(queries, start, end, cfg.roles)
+                rel = table.assign(item=table["item"] - start)
+                acts = _run_batch(model, queries.items[start:end], rel, groups, store, tok.pad_token_id, reuse)
+                for role in cfg.roles:
+                    keep = torch.tensor((table["role"] == role).to_numpy())
+                    for g, a in acts.items():
+                        parts.setdefault(f"{g}/{role}", []).append(a[keep])
+                tables.append(_metadata(queries, table))
+                bar.update(end - start)
+                if on_batch is not None:
+                    on_batch(k, b)
+                if j + 1 == len(jobs) or jobs[j + 1][0] != k:
+                    _write_shard(out, k, parts, pd.concat(tables, ignore_index=True))
+                    parts, tables = {}, []
+                    done.add(k)
+                    save_manifest()
+                    if on_shard is not None:
+                        on_shard(k)
     return open_cache(out)
 
 

@@ -12,68 +12,16 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
 
+from boxprobe.data.queries import EncodedQuery
 from boxprobe.models.loading import model_context_length, model_label
-from boxprobe.data.prompts import Query
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedQuery:
-    """One tokenized query: prompt, gold continuation and each example's span of the gold."""
-
-    query: Query
-    prompt: list[int]
-    gold: list[int]
-    spans: list[tuple[int, int]]
-
-
-# -- tokenization ---------------------------------------------------------------------------------
-
-
-def tokenize_texts(model: TransformerBridge, texts: Sequence[str]) -> list[list[int]]:
-    # Same BOS rule as model.to_tokens, without padding or silent truncation.
-    tok, cfg = model.tokenizer, model.cfg
-    ids = tok(list(texts), add_special_tokens=True)["input_ids"]
-    want, has = getattr(cfg, "default_prepend_bos", True), getattr(cfg, "tokenizer_prepends_bos", True)
-    if want and not has and tok.bos_token_id is not None:
-        return [[tok.bos_token_id, *row] for row in ids]
-    if has and not want:
-        return [row[1:] if row and row[0] == tok.bos_token_id else row for row in ids]
-    return ids
-
-
-def encode_queries(model: TransformerBridge, queries: Sequence[Query]) -> list[EncodedQuery]:
-    prompts = tokenize_texts(model, [q.prompt for q in queries])
-    fulls = tokenize_texts(model, [q.prompt + q.continuation for q in queries])
-    items = []
-    for q, prompt, full in zip(queries, prompts, fulls):
-        if full[: len(prompt)] != prompt or len(full) == len(prompt):
-            raise ValueError(f"The tokenizer of {model_label(model)} merges the prompt's last token with the answer "
-                             f"({q.prompt[-30:]!r} + {q.continuation[:30]!r}); the answer cannot be scored token by token.")
-        gold = full[len(prompt):]
-        spans = [(0, len(gold))]
-        if q.prompt_format == "all-boxes" and len(q.examples) > 1:
-            # Box k's span ends with the "," (or final ".") after its answer; find it by tokenizing prefixes.
-            ends, pos = [], len(f" {q.examples[0].answer_text}")
-            for ex in q.examples[1:]:
-                ends.append(pos + 1)
-                pos += len(f", {ex.statement_prefix} {ex.answer_text}")
-            cuts = tokenize_texts(model, [q.prompt + q.continuation[:e] for e in ends])
-            bounds = [0] + [len(c) - len(prompt) for c in cuts] + [len(gold)]
-            if any(c != full[: len(c)] for c in cuts) or bounds != sorted(bounds):
-                raise ValueError(f"The tokenizer of {model_label(model)} merges tokens across box boundaries in "
-                                 f"{q.continuation[:60]!r}...; per-box fast verdicts are undefined. Use method='generate'.")
-            spans = list(zip(bounds[:-1], bounds[1:]))
-        items.append(EncodedQuery(q, prompt, gold, spans))
-    return items
 
 
 def stop_ids(tokenizer) -> set[int]:

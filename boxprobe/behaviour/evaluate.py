@@ -34,6 +34,7 @@ generation that recomputes the whole sequence for every token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,34 +48,24 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from boxprobe.config import check_choice
+from boxprobe.config import ConfigError, check_choice
 from boxprobe.behaviour.decoding import (
-    EncodedQuery,
     batches_by_context,
     cache_keyword_fix,
-    encode_queries,
     fast_batch,
     generate_batch,
     kv_cache_works,
     stop_ids,
 )
-from boxprobe.models.loading import load_model, model_context_length, model_info, model_label
-from boxprobe.data.prompts import PromptTemplate, build_queries, load_template
+from boxprobe.data.queries import ContextLengthError, EncodedQuery, QuerySet, prepare, resolve_spec
+from boxprobe.models.loading import load_model, model_id, model_info, model_label
 from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
-from boxprobe.data.task import OPERATION_KINDS, Example, read_examples
+from boxprobe.data.task import OPERATION_KINDS, read_examples
 
 logger = logging.getLogger(__name__)
 Method = Literal["fast", "generate", "both"]
 METHODS = ("fast", "generate", "both")
 NUMOPS_KEYS = range(8)
-
-
-class ContextLengthError(ValueError):
-    """A prompt plus its answer does not fit the model's context; ``example`` is the offending one."""
-
-    def __init__(self, message: str, example: Example):
-        super().__init__(message)
-        self.example = example
 
 
 @dataclass
@@ -183,91 +174,83 @@ def _summary(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
 # -- entry points ---------------------------------------------------------------------------------
 
 
-def _settings(model: TransformerBridge, template, prompt_format) -> tuple[PromptTemplate, str]:
-    # Unset options fall back to the checkpoint's boxprobe.json, then to the 2-shot default, per-box.
-    info = model_info(model)
-    meta = info.metadata if info is not None else {}
-    if template is None:
-        template = meta.get("prompt_template") or meta.get("template") or "default"
-    template = template if isinstance(template, PromptTemplate) else load_template(template)
-    return template, prompt_format or (info.prompt_format if info is not None else None) or "per-box"
+@dataclass(frozen=True)
+class EvalConfig:
+    """How :func:`evaluate` decodes and batches; the prompt itself is fixed by the query set's spec."""
+
+    method: Method = "fast"
+    """``fast`` (teacher-forced exact match), ``generate`` (greedy decoding, set rule) or ``both``."""
+    batch_size: int = 16
+    """Queries per forward pass."""
+    max_new_tokens: int | None = None
+    """Generation budget; None: the longest gold answer plus 8 tokens."""
+    kv_cache: bool | None = None
+    """Decode incrementally through the key-value cache; None: when :func:`kv_cache_works` on the data."""
+    reuse_context: bool | None = None
+    """Run each context's shared prefix once; None: whenever the cache is used."""
+    progress: bool = True
+    """Show a progress bar."""
+    partial_path: str | None = None
+    """If a batch fails, the rows computed so far are written here before the error is re-raised."""
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
 
 
-def _check_lengths(items: list[EncodedQuery], n_ctx: int, label: str, template: PromptTemplate) -> None:
-    for it in items:
-        if len(it.prompt) + len(it.gold) - 1 > n_ctx:
-            ex = it.query.examples[0]
-            raise ContextLengthError(
-                f"example sample_id={ex.sample_id} num_operations={ex.num_operations} box={ex.box}: its prompt "
-                f"({len(it.prompt)} tokens) and answer ({len(it.gold)}) need {len(it.prompt) + len(it.gold) - 1} "
-                f"positions, more than model {label!r}'s context n_ctx={n_ctx}. Use a template with fewer "
-                f"demonstrations (template {template.name!r} has {len(template.demonstrations)}; template='toy' has "
-                "none), a shorter instruction, or data with fewer operations.", ex)
+def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = EvalConfig()) -> EvalResult:
+    """Behavioural accuracy of a loaded model on a query set (:func:`boxprobe.data.queries.prepare`).
 
-
-def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template: str | Path | PromptTemplate | None = None,
-             prompt_format: str | None = None, method: Method = "fast", batch_size: int = 16, chat: bool = False,
-             limit: int | None = None, max_new_tokens: int | None = None, reuse_context: bool | None = None,
-             kv_cache: bool | None = None, progress: bool = True, partial_path: str | Path | None = None) -> EvalResult:
-    """Evaluate a loaded model on boxes examples; one row per example in ``result.frame``.
-
-    ``template`` and ``prompt_format`` default to those recorded in the checkpoint's boxprobe.json,
-    else "default" and "per-box". ``limit`` keeps the first N queries (an all-boxes query is one
-    state). ``max_new_tokens`` defaults to the longest gold answer plus 8 tokens. ``kv_cache`` (None:
-    when :func:`kv_cache_works`) lets generation decode incrementally; ``reuse_context`` (None: when the
-    cache is used) runs each context's shared prefix once. If a batch fails, the rows computed so far
-    are written to ``partial_path`` before the error is re-raised.
+    One row per example in ``result.frame``; the summary records the prompt spec and decoding.
     """
-    check_choice("method", method, METHODS)
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}.")
-    if not examples:
-        raise ValueError("No examples to evaluate.")
-    template, prompt_format = _settings(model, template, prompt_format)
-    tok, label, n_ctx = model.tokenizer, model_label(model), model_context_length(model)
-    items = encode_queries(model, build_queries(examples, template, prompt_format, tok, chat)[:limit])
-    _check_lengths(items, n_ctx, label, template)  # before any batch runs
+    if not isinstance(queries, QuerySet):
+        raise ConfigError("evaluate takes a query set: queries = boxprobe.prepare(model, examples, spec).")
+    queries.check_model(model)
+    cfg, items = config, list(queries.items)
+    tok, label = model.tokenizer, model_label(model)
     stops = stop_ids(tok)
     pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0) if i is not None)
     longest = max(len(it.gold) for it in items)
-    max_new_tokens = max_new_tokens or longest + 8
-    if method != "fast" and max_new_tokens < longest:
+    max_new_tokens = cfg.max_new_tokens or longest + 8
+    if cfg.method != "fast" and max_new_tokens < longest:
         logger.warning("max_new_tokens=%d is below the longest gold answer (%d tokens).", max_new_tokens, longest)
-    use_cache = kv_cache is not False and kv_cache_works(model, items[0].prompt)
-    if (kv_cache or reuse_context) and not use_cache:
+    use_cache = cfg.kv_cache is not False and kv_cache_works(model, items[0].prompt)
+    if (cfg.kv_cache or cfg.reuse_context) and not use_cache:
         logger.warning("the key-value cache of %s is off or gives wrong logits; evaluating without it.", label)
-    reuse = use_cache and reuse_context is not False
+    reuse = use_cache and cfg.reuse_context is not False
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    bar = tqdm(total=len(items), desc=f"eval {method}", unit="query", disable=not progress)
+    bar = tqdm(total=len(items), desc=f"eval {cfg.method}", unit="query", disable=not cfg.progress)
     try:
         with torch.inference_mode(), cache_keyword_fix(model):
-            for batch in batches_by_context(items, batch_size):
+            for batch in batches_by_context(items, cfg.batch_size):
                 flat = [it for c in batch for it in c]
-                tops = fast_batch(model, batch, reuse, pad_id) if method != "generate" else [None] * len(flat)
+                tops = fast_batch(model, batch, reuse, pad_id) if cfg.method != "generate" else [None] * len(flat)
                 gens = (generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops)
-                        if method != "fast" else [None] * len(flat))
+                        if cfg.method != "fast" else [None] * len(flat))
                 for it, h, g in zip(flat, tops, gens):
                     query = rows[-1]["query"] + 1 if rows else 0
-                    rows += [{"query": query, **r} for r in _rows(it, method, h, g, tok, stops)]
+                    rows += [{"query": query, **r} for r in _rows(it, cfg.method, h, g, tok, stops)]
                 bar.update(len(flat))
     except BaseException as err:
-        if rows and partial_path is not None:
-            Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows).to_csv(partial_path, index=False)
-            logger.error("evaluation failed; wrote the %d rows computed so far to %s", len(rows), partial_path)
+        if rows and cfg.partial_path is not None:
+            Path(cfg.partial_path).parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows).to_csv(cfg.partial_path, index=False)
+            logger.error("evaluation failed; wrote the %d rows computed so far to %s", len(rows), cfg.partial_path)
             if hasattr(err, "add_note"):
-                err.add_note(f"boxprobe: the {len(rows)} rows computed before the failure are in {partial_path}")
+                err.add_note(f"boxprobe: the {len(rows)} rows computed before the failure are in {cfg.partial_path}")
         raise
     finally:
         bar.close()
     info, frame = model_info(model), pd.DataFrame(rows)
     compat = "compatibility" if getattr(model, "compatibility_mode", False) else "raw"
-    meta = {"model": label, "revision": info.revision if info else None,
+    spec = queries.spec
+    meta = {"model": label, "model_id": model_id(model), "revision": info.revision if info else None,
             "weight_mode": info.weight_mode if info else compat,
-            "prompt_format": prompt_format, "template": template.name, "method": method, "chat": chat,
-            "n_queries": len(items), "batch_size": batch_size, "context_reuse": reuse, "kv_cache": use_cache,
-            "max_new_tokens": max_new_tokens if method != "fast" else None, "n_ctx": n_ctx,
+            "prompt_format": spec.format, "template": spec.template.name, "method": cfg.method, "chat": spec.chat,
+            "n_queries": len(items), "batch_size": cfg.batch_size, "context_reuse": reuse, "kv_cache": use_cache,
+            "max_new_tokens": max_new_tokens if cfg.method != "fast" else None, "n_ctx": queries.n_ctx,
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
             "elapsed_s": round(time.perf_counter() - started, 3)}
     return EvalResult(frame, _summary(frame, meta))
@@ -275,24 +258,25 @@ def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template:
 
 def evaluate_file(model_name_or_path_or_model: str | Path | TransformerBridge, data_path: str | Path,
                   out_dir: str | Path, *, prompt_format: str | None = None, template: str | Path | None = None,
-                  limit: int | None = None, device: str | None = None, dtype: str | None = None, batch_size: int = 16,
-                  method: Method = "fast", chat: bool = False, **kwargs: Any) -> EvalResult:
+                  chat: bool | None = None, limit: int | None = None, device: str | None = None,
+                  dtype: str | None = None, config: EvalConfig = EvalConfig()) -> EvalResult:
     """Load the model (unless given one) and a JSONL file, evaluate, and write ``out_dir/summary.json`` and
-    ``out_dir/results.csv``. Extra keyword arguments go to :func:`evaluate`."""
+    ``out_dir/results.csv``. The prompt spec is resolved from the arguments, then the checkpoint."""
     examples = read_examples(data_path)  # before loading: a bad file should not wait for a large model
     model = model_name_or_path_or_model
     if not isinstance(model, TransformerBridge):
         model = load_model(model, device=device, dtype=dtype)
     out_dir = Path(out_dir)
     partial = out_dir / "results.partial.csv"
+    spec = resolve_spec(model, template, prompt_format, chat)
     try:
-        result = evaluate(model, examples, template=template, prompt_format=prompt_format, method=method,
-                          batch_size=batch_size, chat=chat, limit=limit, partial_path=partial, **kwargs)
+        queries = prepare(model, examples, spec, limit=limit)
     except ContextLengthError as err:
         index = next(i for i, ex in enumerate(examples) if ex is err.example)
         with Path(data_path).open(encoding="utf-8") as f:
             lines = [n for n, line in enumerate(f, start=1) if line.strip()]
         raise ContextLengthError(f"{data_path}:{lines[index]}: {err}", err.example) from None
+    result = evaluate(model, queries, dataclasses.replace(config, partial_path=str(partial)))
     result.summary["data"] = str(data_path)
     result.save(out_dir)
     partial.unlink(missing_ok=True)  # a stale partial file from an earlier failed run would mislead

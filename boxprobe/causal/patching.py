@@ -27,7 +27,7 @@ recomputed), while every other reader, including the receiver's other inputs, se
 
 A study in a few lines (``examples`` from ``task.read_examples``, models from ``models.load_model``)::
 
-    pairs, stats = build_pairs(examples, "query-box", base)
+    pairs, stats = build_pairs(base, prepare(base, examples), "query-box")
     batch = collate_pairs(pairs[:32], base.tokenizer.pad_token_id, base.cfg.device)
     patch_resid_pre(base, batch).to_csv("patching_resid.csv", index=False)
     patch_heads(base, batch, positions="query_last").to_csv("patching_heads.csv", index=False)

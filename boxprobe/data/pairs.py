@@ -41,10 +41,12 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
-from boxprobe.config import check_choice
+from boxprobe.config import ConfigError, check_choice
 from boxprobe.data.labels import states_from_context
-from boxprobe.data.positions import LABEL_RE, PositionError, label_box, parse_description, position_table
-from boxprobe.data.prompts import PromptTemplate, Query, build_query, load_template
+from boxprobe.data.positions import (LABEL_RE, PositionError, encode_with_offsets, frame_rows, label_box,
+                                     parse_description, prompt_role_rows)
+from boxprobe.data.prompts import Query, build_query
+from boxprobe.data.queries import PromptSpec, QuerySet
 from boxprobe.data.task import ALT_BOX_NAMES, MASK, Example, load_vocabulary, render_objects
 
 logger = logging.getLogger(__name__)
@@ -142,26 +144,25 @@ def _lists_sorted(context: str) -> bool:
 
 
 class _Builder:
-    def __init__(self, tokenizer, template: PromptTemplate, model=None):
-        self.tokenizer, self.template, self.model = tokenizer, template, model
+    # Tokenises and locates roles exactly as boxprobe.data.queries.prepare does, with the same spec.
+    def __init__(self, tokenizer, spec: PromptSpec):
+        self.tokenizer, self.spec = tokenizer, spec
         self.unk = getattr(tokenizer, "unk_token_id", None)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.model is not None:
-            from boxprobe.behaviour.decoding import tokenize_texts  # the BOS rule evaluation uses
-            return tokenize_texts(self.model, texts)
-        return [list(r) for r in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    def query(self, ex: Example) -> Query:
+        return build_query([ex], self.spec.template, "per-box", self.tokenizer, self.spec.chat)
 
-    def table(self, query: Query, n_ids: int) -> pd.DataFrame:
-        table = position_table(query, self.tokenizer)
-        # A model that adds (or drops) BOS relative to the tokenizer shifts every index.
-        shift = n_ids - len(self.tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
-        return table.assign(token_index=table["token_index"] + shift) if shift else table
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [ids for ids, _, _ in encode_with_offsets(self.tokenizer, texts, add_special_tokens=not self.spec.chat)]
+
+    def table(self, query: Query) -> pd.DataFrame:
+        (_, offsets, special), = encode_with_offsets(self.tokenizer, [query.prompt],
+                                                     add_special_tokens=not self.spec.chat)
+        return frame_rows(prompt_role_rows(query, offsets, special))
 
     def finish(self, kind: str, clean_ex: Example, corrupt_ex: Example, corrupt_answer: str | None = None):
         """A Pair, or the reason (a REJECT_REASONS entry) there is none."""
-        cq = build_query([clean_ex], self.template)
-        kq = build_query([corrupt_ex], self.template)
+        cq, kq = self.query(clean_ex), self.query(corrupt_ex)
         c_cont, k_cont = cq.continuation, corrupt_answer if corrupt_answer is not None else kq.continuation
         shared = _shared_words(c_cont, k_cont)
         if shared in (c_cont, k_cont):
@@ -181,7 +182,7 @@ class _Builder:
         cq = replace(cq, prompt=cq.prompt + shared, continuation=c_cont[len(shared):])
         kq = replace(kq, prompt=kq.prompt + shared, continuation=kq.continuation[len(shared):])
         return Pair(kind, cq, kq, tuple(ids_c), tuple(ids_k), tc, tk, c_cont, k_cont, shared,
-                    self.table(cq, len(ids_c)), self.table(kq, len(ids_k)))
+                    self.table(cq), self.table(kq))
 
 
 def _candidates(kind: str, ex: Example, prompt: str, rng: np.random.Generator,
@@ -232,32 +233,30 @@ def _candidates(kind: str, ex: Example, prompt: str, rng: np.random.Generator,
         check_choice("pair kind", kind, PAIR_KINDS)
 
 
-def build_pairs(examples: Sequence[Example], kind: str, model_or_tokenizer, *,
-                template: str | Path | PromptTemplate | None = None, seed: int = 0, limit: int | None = None,
+def build_pairs(model, queries: QuerySet, kind: str, *, seed: int = 0, limit: int | None = None,
                 max_tries: int = 20) -> tuple[list[Pair], PairStats]:
-    """Equal-length clean/corrupt pairs of ``kind`` (see the module docstring) from per-box examples.
+    """Equal-length clean/corrupt pairs of ``kind`` (see the module docstring) from a per-box query set.
 
-    ``model_or_tokenizer``: a TransformerBridge (its tokenizer and BOS rule, as in evaluation) or a fast
-    tokenizer. ``template`` defaults to the model's recorded template, else ``"default"``. Candidates
-    (other boxes, labels, objects, clause orders) are tried in a seeded random order; the first that
-    gives an equal-length pair with different answer tokens is kept. ``limit`` stops after that many pairs.
+    The clean examples are those of ``queries`` (:func:`boxprobe.data.queries.prepare`); clean and
+    corrupt prompts are rendered with its spec and tokenised as ``prepare`` does. Candidates (other
+    boxes, labels, objects, clause orders) are tried in a seeded random order; the first that gives an
+    equal-length pair with different answer tokens is kept. ``limit`` stops after that many pairs.
     """
     check_choice("pair kind", kind, PAIR_KINDS)
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
-    model = model_or_tokenizer if tokenizer is not model_or_tokenizer else None
-    if template is None:
-        meta = getattr(getattr(model, "boxprobe_info", None), "metadata", None) or {}
-        template = meta.get("prompt_template") or meta.get("template") or "default"
-    template = template if isinstance(template, PromptTemplate) else load_template(template)
-    builder, rng = _Builder(tokenizer, template, model), np.random.default_rng(seed)
+    if not isinstance(queries, QuerySet):
+        raise ConfigError("build_pairs takes a query set: queries = boxprobe.prepare(model, examples, spec).")
+    queries.check_model(model)
+    if queries.spec.format != "per-box":
+        raise ConfigError("Pairs are built from per-box queries; prepare them with format='per-box'.")
+    builder, rng = _Builder(model.tokenizer, queries.spec), np.random.default_rng(seed)
     stats, pairs = PairStats(kind), []
-    for ex in examples:
+    for ex in queries.examples:
         if limit is not None and len(pairs) >= limit:
             break
         stats.n_examples += 1
         reasons = []
         try:
-            prompt = build_query([ex], template).prompt
+            prompt = builder.query(ex).prompt
             for corrupt, answer in _candidates(kind, ex, prompt, rng, max_tries):
                 result = builder.finish(kind, ex, corrupt, answer)
                 if isinstance(result, Pair):

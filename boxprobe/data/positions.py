@@ -136,11 +136,14 @@ def parse_description(context: str) -> list[Mention]:
 # -- token mapping ----------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, prompts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+def encode_with_offsets(tokenizer, texts: Sequence[str],
+                        add_special_tokens: bool = True) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Ids, character offsets and special-token mask of each text, tokenised as the tokenizer itself does."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"Token positions need a fast tokenizer (offset mappings); {type(tokenizer).__name__} of "
                         f"{getattr(tokenizer, 'name_or_path', '?')!r} is not one. Load it with use_fast=True.")
-    enc = tokenizer(prompts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=False)
+    enc = tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True, padding=False,
+                    add_special_tokens=add_special_tokens)
     return [(list(ids), np.asarray(offs, dtype=np.int64).reshape(-1, 2), np.asarray(special, dtype=bool))
             for ids, offs, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"])]
 
@@ -149,7 +152,8 @@ def _sample_id(query: Query):
     return query.examples[0].sample_id if query.examples else None
 
 
-def _rows(query: Query, offsets: np.ndarray, special: np.ndarray) -> list[tuple]:
+def prompt_role_rows(query: Query, offsets: np.ndarray, special: np.ndarray) -> list[tuple]:
+    """The rows (``COLUMNS``) of every prompt role of ``query``, from its prompt's offsets and special-token mask."""
     prompt, sid = query.prompt, _sample_id(query)
     starts, ends = offsets[:, 0], offsets[:, 1]
     real = ~special & (ends > starts)  # special tokens and BOS carry empty spans
@@ -216,8 +220,11 @@ def _parsed(context: str) -> tuple[Mention, ...]:
     return tuple(parse_description(context))
 
 
-def _frame(rows: list[tuple], columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=list(columns))
+def frame_rows(rows: list[tuple], with_k: bool = False) -> pd.DataFrame:
+    """A typed position table from rows of ``COLUMNS`` (plus ``k``, the answer object's rank, if ``with_k``)."""
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + (["k"] if with_k else []))
+    if with_k:
+        table["k"] = table["k"].astype("Int64")
     table["token_index"] = table["token_index"].astype("int64")
     table["box"] = table["box"].astype("Int64")
     table["op_index"] = table["op_index"].astype("Int64")
@@ -232,23 +239,23 @@ def position_table(query: Query, tokenizer) -> pd.DataFrame:
     (character span of the mention in ``query.prompt``). Box labels map to the token holding the
     label's last character (the digit or letter), objects to their first and last overlapping token.
     """
-    (_, offsets, special), = _encode(tokenizer, [query.prompt])
-    return _frame(_rows(query, offsets, special))
+    (_, offsets, special), = encode_with_offsets(tokenizer, [query.prompt])
+    return frame_rows(prompt_role_rows(query, offsets, special))
 
 
 def batch_position_table(queries: Sequence[Query], tokenizer, padding_side: str = "left") -> pd.DataFrame:
     """Position tables of a batch, with ``item`` and ``padded_index`` for padding to the longest prompt."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    encoded = _encode(tokenizer, [q.prompt for q in queries])
+    encoded = encode_with_offsets(tokenizer, [q.prompt for q in queries])
     width = max((len(ids) for ids, _, _ in encoded), default=0)
     rows, items, shifts = [], [], []
     for item, (query, (ids, offsets, special)) in enumerate(zip(queries, encoded)):
-        query_rows = _rows(query, offsets, special)
+        query_rows = prompt_role_rows(query, offsets, special)
         rows += query_rows
         items += [item] * len(query_rows)
         shifts += [width - len(ids) if padding_side == "left" else 0] * len(query_rows)
-    table = _frame(rows)  # one frame for the batch: building one per query dominated caching time
+    table = frame_rows(rows)  # one frame for the batch: building one per query dominated caching time
     table.insert(0, "item", np.asarray(items, dtype=np.int64))
     table["padded_index"] = table["token_index"] + np.asarray(shifts, dtype=np.int64)
     return table

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +20,16 @@ import pandas as pd
 import torch
 
 from boxprobe import __version__
-from boxprobe.activations.attention import aggregate_attention, attention_heads_table, attention_to_roles
-from boxprobe.config import check_choice, from_dict
+from boxprobe.activations.attention import (AttentionConfig, aggregate_attention, attention_heads_table,
+                                            attention_to_roles)
+from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.report.dashboard import dashboard_from_run
-from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.behaviour.evaluate import EvalConfig, evaluate
+from boxprobe.data.queries import QuerySet, prepare
 from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
-from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_info
-from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_id, model_info
 from boxprobe.behaviour.scoring import accuracy_by_numops
-from boxprobe.data.task import Example, TaskConfig, generate_dataset, read_examples
+from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 
 logger = logging.getLogger(__name__)
 STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
@@ -66,46 +68,41 @@ class DemoConfig:
         return from_dict(cls, data)
 
 
-def model_name(path: str) -> str:
-    return Path(str(path)).name
-
-
-def behaviour_stage(models: dict, examples: Sequence[Example], out: Path, batch_size: int) -> pd.DataFrame:
+def behaviour_stage(models: dict, queries: dict[str, QuerySet], out: Path, batch_size: int) -> pd.DataFrame:
     """Behavioural accuracy by numops of each model -> ``behaviour.csv``."""
     tables = []
     for name, model in models.items():
-        result = evaluate(model, examples, batch_size=batch_size)
-        result.save(out / "behaviour" / name)
+        result = evaluate(model, queries[name], EvalConfig(batch_size=batch_size))
+        result.save(out / "behaviour" / safe_name(name))
         tables.append(accuracy_by_numops(result.frame).assign(model=name))
     frame = pd.concat(tables, ignore_index=True)
     frame.to_csv(out / "behaviour.csv", index=False)
     return frame
 
 
-def probes_stage(model_paths: Sequence[str], data: Path, out: Path, batch_size: int) -> None:
+def probes_stage(models: dict, queries: dict[str, QuerySet], model_paths: Sequence[str], data: Path, out: Path,
+                 batch_size: int) -> None:
     """Contents, global-state, incremental and prior-state probes with controls and baselines -> ``probe_*.csv``."""
     cfg = ProbeExperimentConfig(models=tuple(model_paths), data=str(data), out_dir=str(out),
                                 targets=("contents", "global_state", "incremental", "prior_1"),
                                 batch_size=batch_size, n_boot=300, random_init="first", Cs=(0.1, 1.0),
                                 causal_check_layer=1)
-    ProbeExperiment(cfg).run()
+    ProbeExperiment(cfg, models=list(models.values()), queries=[queries[n] for n in models]).run()
 
 
-def attention_stage(models: dict, examples: Sequence[Example], out: Path, n_queries: int, batch_size: int) -> pd.DataFrame:
+def attention_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_queries: int,
+                    batch_size: int) -> pd.DataFrame:
     """Attention of each head from the query token to semantic roles -> ``attention_heads.csv``."""
     frames = []
     for name, model in models.items():
-        info = model_info(model)
-        template = load_template((info.metadata.get("prompt_template") if info else None) or "default")
-        queries = build_queries(examples, template, "per-box")[:n_queries]
-        raw = attention_to_roles(model, queries, batch_size=batch_size).assign(model=name)
+        raw = attention_to_roles(model, queries[name][:n_queries], AttentionConfig(batch_size=batch_size))
         frames.append(attention_heads_table(aggregate_attention(raw)))
     frame = pd.concat(frames, ignore_index=True)
     frame.to_csv(out / "attention_heads.csv", index=False)
     return frame
 
 
-def patching_stage(models: dict, examples: Sequence[Example], out: Path, n_pairs: int, batch_size: int) -> None:
+def patching_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_pairs: int, batch_size: int) -> None:
     """Query-box activation patching in the base model, and CMAP from the second model into it.
 
     Writes ``patching_resid.csv`` (layer x position), ``patching_heads.csv`` (each head at the query
@@ -115,7 +112,7 @@ def patching_stage(models: dict, examples: Sequence[Example], out: Path, n_pairs
     from boxprobe.causal.patching import build_pairs, collate_pairs, cross_model_patch, patch_heads, patch_resid_pre
 
     (base_name, base), *others = models.items()
-    pairs, stats = build_pairs(examples, "query-box", base, limit=n_pairs)
+    pairs, stats = build_pairs(base, queries[base_name], "query-box", limit=n_pairs)
     logger.info("patching pairs: %s", stats)
     batch = collate_pairs(pairs, base.tokenizer.pad_token_id, base.cfg.device)
     loop = {"max_batch": batch_size, "progress": False}
@@ -145,18 +142,24 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     paths = generate_dataset(TaskConfig(seed=cfg.seed), out / "data", subsample_per_numops=cfg.per_numops)
     data = paths["test-subsample"]
     examples = read_examples(data)
-    models = {model_name(m): load_model(m) for m in cfg.models}
+    models = {}
+    for m in cfg.models:  # each model is loaded once, its queries prepared once, for every stage
+        model = load_model(m)
+        models[model_id(model)] = model
+    if len(models) < len(cfg.models):
+        raise ConfigError("Two of the demo's models are the same checkpoint; list each model once.")
+    queries = {name: prepare(model, examples) for name, model in models.items()}
     timings["data_and_models"] = time.perf_counter() - started
     for stage in cfg.stages:
         t0 = time.perf_counter()
         if stage == "behaviour":
-            behaviour_stage(models, examples, out, cfg.batch_size)
+            behaviour_stage(models, queries, out, cfg.batch_size)
         elif stage == "probes":
-            probes_stage(cfg.models, data, out, cfg.batch_size)
+            probes_stage(models, queries, cfg.models, data, out, cfg.batch_size)
         elif stage == "attention":
-            attention_stage(models, examples, out, cfg.attention_queries, cfg.batch_size)
+            attention_stage(models, queries, out, cfg.attention_queries, cfg.batch_size)
         elif stage == "patching":
-            patching_stage(models, examples, out, cfg.patching_pairs, cfg.batch_size)
+            patching_stage(models, queries, out, cfg.patching_pairs, cfg.batch_size)
         elif stage == "dashboard":
             _write_run_info(cfg, models, timings, out)
             dashboard_from_run(out)
@@ -165,6 +168,11 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     timings["total"] = round(time.perf_counter() - started, 2)
     _write_run_info(cfg, models, timings, out)
     return out / "dashboard.html" if "dashboard" in cfg.stages else out
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe directory name for a model id."""
+    return re.sub(r"[^\w.@-]+", "_", name).strip("_")
 
 
 def _write_run_info(cfg: DemoConfig, models: dict, timings: dict, out: Path) -> None:

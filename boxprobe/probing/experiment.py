@@ -35,10 +35,11 @@ import plotly.graph_objects as go
 
 from boxprobe.report import plots
 from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
-from boxprobe.config import check_choice, from_dict
+from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.probing.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
 from boxprobe.data.labels import states_from_context
-from boxprobe.models.loading import load_model, model_info
+from boxprobe.data.queries import QuerySet, prepare, resolve_spec
+from boxprobe.models.loading import load_model, model_id, model_info
 from boxprobe.probing.metrics import (
     bootstrap_difference,
     contents_labels,
@@ -52,7 +53,6 @@ from boxprobe.probing.metrics import (
 )
 from boxprobe.data.positions import LABEL_RE, label_box
 from boxprobe.probing.probes import LayerwiseMultiLabelProbe, select_C
-from boxprobe.data.prompts import build_queries, load_template
 from boxprobe.data.task import load_vocabulary, read_examples
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ class ProbeExperimentConfig:
     limit: int | None = None
     """Use only the first N per-box queries."""
     template: str | None = None
-    """Prompt template; None uses the checkpoint's recorded template, else ``default``."""
+    """Prompt template (a bundled name or a JSON file); None: the checkpoint's recorded template, else ``default``."""
+    chat: bool | None = None
+    """Wrap prompts in the tokenizer's chat template; None: as the checkpoint records, else no."""
+    layers: tuple[int, ...] | None = None
+    """Layers to cache and probe; None: every layer."""
     dtype: str = "float32"
     """Storage dtype of the activation cache."""
     batch_size: int = 32
@@ -110,7 +114,9 @@ class ProbeExperimentConfig:
             check_choice("target", target, TARGETS)
         check_choice("random_init", self.random_init, ("first", "all", "none"))
         if not self.models:
-            raise ValueError("ProbeExperimentConfig needs at least one model.")
+            raise ConfigError("ProbeExperimentConfig needs at least one model.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (or null for every query), got {self.limit}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProbeExperimentConfig":
@@ -222,30 +228,51 @@ def _cell_correct(pred: np.ndarray, target: _Target, idx: np.ndarray, proba: np.
 class ProbeExperiment:
     """Runs the stages of a :class:`ProbeExperimentConfig`; see the module docstring."""
 
-    def __init__(self, cfg: ProbeExperimentConfig):
+    def __init__(self, cfg: ProbeExperimentConfig, models: Sequence | None = None,
+                 queries: Sequence[QuerySet | None] | None = None):
+        """``models`` (optional): loaded models standing for ``cfg.models`` in order, each loaded once by the
+        caller; ``queries`` (optional): a prepared query set per model (None entries are prepared here)."""
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.vocab = load_vocabulary("objects")
+        if models is not None and len(models) != len(cfg.models):
+            raise ConfigError(f"{len(models)} loaded models given for {len(cfg.models)} configured models.")
+        if queries is not None and len(queries) != len(cfg.models):
+            raise ConfigError(f"{len(queries)} query sets given for {len(cfg.models)} configured models.")
+        self.models, self.queries = models, queries
+
+    def _model(self, i: int, random_init: bool):
+        # A loaded model is used as given; its random-init twin is rebuilt from the same checkpoint.
+        given = self.models[i] if self.models is not None else None
+        if given is not None and not random_init:
+            return given
+        source = model_info(given).path_or_id if given is not None and model_info(given) else self.cfg.models[i]
+        return load_model(source, device=self.cfg.device, random_init=random_init, seed=self.cfg.seed)
 
     def run(self) -> ProbeRun:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         examples = read_examples(cfg.data)
         accuracy, heat, correct_by, causal = [], [], {}, []
-        for i, name in enumerate(cfg.models):
+        self.names: list[str] = []
+        for i in range(len(cfg.models)):
             with_random = cfg.random_init == "all" or (cfg.random_init == "first" and i == 0)
-            variants = [(False, "")] + ([(True, " (random init)")] if with_random else [])
-            for random_init, suffix in variants:
-                model = load_model(name, device=cfg.device, random_init=random_init, seed=cfg.seed)
-                label = Path(str(name)).name + suffix
-                meta, X, contexts, reader, queries = self._cache(model, examples, label)
+            for random_init in [False] + ([True] if with_random else []):
+                model = self._model(i, random_init)
+                if not random_init:
+                    self.names.append(model_id(model))
+                label = self.names[-1]  # a random-init baseline is reported under the model it re-initialises
+                given = self.queries[i] if self.queries is not None and not random_init else None
+                cache_name = model_id(model) if random_init else label
+                meta, X, contexts, reader, queries = self._cache(model, examples, cache_name, given)
                 if cfg.causal_check_layer is not None and not random_init:
                     causal.append(self._causal_check(model, reader, queries, label))
                 for target_name in cfg.targets:
                     acc, hm, correct, groups = self._probe(target_name, meta, X, contexts, label, random_init)
                     accuracy.append(acc)
                     heat.append(hm)
-                    correct_by[(label, target_name)] = (correct, groups)
+                    if not random_init:
+                        correct_by[(label, target_name)] = (correct, groups)
                 del model
         accuracy = pd.concat(accuracy, ignore_index=True)
         heat = pd.concat(heat, ignore_index=True)
@@ -259,20 +286,19 @@ class ProbeExperiment:
         (self.out / "probe_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         return ProbeRun(self.out, accuracy, heat, selectivity, difference)
 
-    def _cache(self, model, examples, label: str):
+    def _cache(self, model, examples, label: str, queries: QuerySet | None):
         cfg = self.cfg
-        info = model_info(model)
-        template_name = cfg.template or (info.metadata.get("prompt_template") if info else None) or "default"
-        template = load_template(template_name)
-        queries = build_queries(examples, template, "per-box")[: cfg.limit]
+        if queries is None:
+            queries = prepare(model, examples, resolve_spec(model, cfg.template, "per-box", cfg.chat), limit=cfg.limit)
+        queries.check_model(model)
         roles = tuple(dict.fromkeys(("query_last", *(r for t in cfg.targets for r in _TARGET_ROLES.get(t, ())))))
         cache_cfg = CacheConfig(hooks=(cfg.hook,), roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                                template=template.name, prompt_format="per-box")
+                                layers=cfg.layers)
         safe = re.sub(r"[^\w.-]+", "_", label)
         reader = build_cache(model, queries, self.out / "cache" / safe, cache_cfg, data_hash=file_sha256(cfg.data))
         X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
-        return meta, X, [q.examples[0].context for q in queries], reader, queries
+        return meta, X, [it.query.examples[0].context for it in queries], reader, queries
 
     def _causal_check(self, model, reader, queries, label: str) -> pd.DataFrame:
         """INLP directions of the most frequent answer object, fit on train sample_ids, ablated on test ones."""
@@ -289,7 +315,7 @@ class ProbeExperiment:
         directions = object_directions_from_cache(reader, obj, cfg.causal_check_layer, hook=cfg.hook,
                                                   n_directions=2, items=train)
         chosen = [i for i in test if obj in meta["gold"].iloc[i]]
-        checked = probe_causal_check(model, [queries[int(meta["query_index"].iloc[i])] for i in chosen],
+        checked = probe_causal_check(model, queries.select([int(meta["query_index"].iloc[i]) for i in chosen]),
                                      [obj] * len(chosen), directions, layer=cfg.causal_check_layer, seed=cfg.seed)
         return summarize_causal_check(checked).assign(model=label, object=obj, layer=cfg.causal_check_layer)
 
@@ -315,7 +341,7 @@ class ProbeExperiment:
         proba = probe.predict_proba(feats[test]) if target.n_classes else None
         correct = _cell_correct(probe.predict(feats[test]), target, test, proba)
         kind = "random-init" if random_init else "task"
-        model_name = label.removesuffix(" (random init)")
+        model_name = label
         rows = [self._accuracy_rows(model_name, target_name, kind, correct, target.groups[test])]
         if not random_init:
             if target.n_classes:  # one class per object block, scored by argmax like the task
@@ -338,7 +364,8 @@ class ProbeExperiment:
             rows.append(pd.DataFrame({"model": model_name, "probe": target_name, "metric": "non_trivial",
                                       "kind": "majority", "layer": np.arange(correct.shape[1]), "value": majority}))
         numops = target.numops[test]
-        heat = pd.DataFrame([{"model": label, "probe": target_name, "layer": layer, "numops": int(k),
+        heat_label = label + (" (random init)" if random_init else "")
+        heat = pd.DataFrame([{"model": heat_label, "probe": target_name, "layer": layer, "numops": int(k),
                               "value": float(correct[numops == k, layer].mean())}
                              for k in np.unique(numops) for layer in range(correct.shape[1])])
         if target_name != "global_state" and not target.n_classes:
@@ -363,7 +390,7 @@ class ProbeExperiment:
 
     def _differences(self, correct_by: dict) -> pd.DataFrame:
         cfg = self.cfg
-        names = [Path(str(m)).name for m in cfg.models]
+        names = self.names
         frames = []
         for other in names[1:]:
             for target_name in cfg.targets:

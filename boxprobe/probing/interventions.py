@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
@@ -27,11 +26,11 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from boxprobe.behaviour.decoding import encode_queries, pad_rows, tokenize_texts
+from boxprobe.behaviour.decoding import pad_rows
+from boxprobe.config import ConfigError
+from boxprobe.data.queries import ALL_ROLES, QuerySet
 from boxprobe.models.loading import model_label
-from boxprobe.data.positions import ROLES, batch_position_table
 from boxprobe.probing.metrics import inlp_directions, nullspace_projection, random_directions_like
-from boxprobe.data.prompts import Query
 
 logger = logging.getLogger(__name__)
 Directions = Float[torch.Tensor, "k d_model"] | Float[np.ndarray, "k d_model"]
@@ -45,7 +44,7 @@ class _Prepared:
     prompt: list[int]
     gold: list[int]
     obj_index: int
-    positions: list[int] | None  # indices into ``prompt``; None: every position is ablated
+    positions: list[int] | None  # indices into prompt + gold; None: every position is ablated
 
 
 def _hook_name(model, layer: int, hook: str) -> str:
@@ -59,37 +58,29 @@ def _hook_name(model, layer: int, hook: str) -> str:
     return name
 
 
-def _prepare(model, queries: Sequence[Query], objects: Sequence[str], role: str | None) -> list[_Prepared]:
+def _prepare(model, queries: QuerySet, objects: Sequence[str], role: str | None) -> list[_Prepared]:
+    if not isinstance(queries, QuerySet):
+        raise ConfigError("Interventions take a query set: queries = boxprobe.prepare(model, examples, spec).")
+    queries.check_model(model)
     if len(objects) != len(queries):
-        raise ValueError(f"objects has {len(objects)} entries but there are {len(queries)} queries; give one "
-                         "object (in that query's gold answer) per query.")
-    if role is not None and role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}, or None for every position.")
-    items = encode_queries(model, queries)
-    where = []
-    for i, (q, obj) in enumerate(zip(queries, objects)):
-        m = re.search(rf"\b{re.escape(obj)}\b", q.continuation)
-        if m is None:
-            raise ValueError(f"query {i}: object {obj!r} is not in its gold answer {q.continuation!r}; pass an object "
-                             "of the queried box (the probe's target) for every query.")
-        where.append(q.prompt + q.continuation[:m.start()].rstrip())  # BPE tokens carry their leading space
-    cuts = tokenize_texts(model, where)
-    table = batch_position_table(queries, model.tokenizer, padding_side="left") if role is not None else None
-    raw = model.tokenizer([q.prompt for q in queries])["input_ids"] if role is not None else None
+        raise ConfigError(f"objects has {len(objects)} entries but there are {len(queries)} queries; give one "
+                          "object (in that query's gold answer) per query.")
+    if role is not None and role not in ALL_ROLES:
+        raise ConfigError(f"Unknown role {role!r}; roles are {', '.join(ALL_ROLES)}, or None for every position.")
     out = []
-    for i, (it, cut, obj) in enumerate(zip(items, cuts, objects)):
-        j = len(cut) - len(it.prompt)
-        first = model.tokenizer.decode([it.gold[j]]).strip() if 0 <= j < len(it.gold) else ""
-        if cut != (it.prompt + it.gold)[:len(cut)] or not first or not obj.startswith(first):
-            raise ValueError(f"query {i}: cannot locate {obj!r} as whole tokens in the answer "
-                             f"{it.query.continuation!r} with the tokenizer of {model_label(model)}.")
+    for i, (it, obj) in enumerate(zip(queries.items, objects)):
+        hit = queries.role("answer_object", object=obj)
+        hit = hit[hit["item"] == i]
+        if not len(hit):
+            raise ConfigError(f"query {i}: object {obj!r} is not in its gold answer {it.query.continuation!r}; pass "
+                              "an object of the queried box (the probe's target) for every query.")
         positions = None
-        if table is not None:
-            shift = len(it.prompt) - len(raw[i])  # evaluate's BOS rule vs the plain tokenizer's
-            positions = (table.loc[(table["item"] == i) & (table["role"] == role), "token_index"] + shift).tolist()
+        if role is not None:
+            rows = queries.role(role)
+            positions = rows.loc[rows["item"] == i, "token_index"].tolist()
             if not positions:
-                raise ValueError(f"query {i}: no token with role {role!r} in its prompt.")
-        out.append(_Prepared(it.prompt, it.gold, j, positions))
+                raise ConfigError(f"query {i}: no token with role {role!r}.")
+        out.append(_Prepared(it.prompt, it.gold, int(hit["token_index"].iloc[0]) - len(it.prompt), positions))
     return out
 
 
@@ -149,7 +140,7 @@ def _as_projection(model, directions) -> tuple[torch.Tensor, np.ndarray]:
     return nullspace_projection(D).to(model.cfg.device), D.numpy()
 
 
-def ablate_directions(model, queries: Sequence[Query], directions: Directions, *, layer: int,
+def ablate_directions(model, queries: QuerySet, directions: Directions, *, layer: int,
                       hook: str = "resid_post", role: str | None = "query_last", objects: Sequence[str],
                       batch_size: int = 16) -> pd.DataFrame:
     """Teacher-forced answers with ``span(directions)`` projected out at ``layer``/``hook``/``role``.
@@ -171,7 +162,7 @@ def ablate_directions(model, queries: Sequence[Query], directions: Directions, *
     return df
 
 
-def probe_causal_check(model, queries: Sequence[Query], objects: Sequence[str], directions: Directions, *,
+def probe_causal_check(model, queries: QuerySet, objects: Sequence[str], directions: Directions, *,
                        layer: int, n_random: int = 3, seed: int = 0, hook: str = "resid_post",
                        role: str | None = "query_last", batch_size: int = 16) -> pd.DataFrame:
     """Tidy comparison of no intervention, the probe's ``directions`` and ``n_random`` random direction sets.
