@@ -36,11 +36,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from boxprobe.behaviour.evaluate import evaluate_file
+    from boxprobe.behaviour.evaluate import EvalConfig, evaluate_file
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
-        device=args.device, dtype=args.dtype, batch_size=args.batch_size, method=args.method)
+        device=args.device, dtype=args.dtype, config=EvalConfig(batch_size=args.batch_size, method=args.method))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
     return 0

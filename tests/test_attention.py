@@ -13,6 +13,7 @@ import torch
 from boxprobe.activations.attention import (
     MENTION_ROLES,
     ROLES,
+    AttentionConfig,
     aggregate_attention,
     attention_heads_table,
     attention_to_roles,
@@ -27,7 +28,7 @@ from boxprobe.activations.attention import (
 from boxprobe.report.dashboard import RUN_FILES
 from boxprobe.models.loading import load_model
 from boxprobe.data.positions import batch_position_table
-from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
@@ -42,11 +43,20 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def queries():
+def queryset(model):
     cfg = TaskConfig(num_samples=2, num_operations=3, seed=1)
     examples = [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg)]
     # Every 5th of 0..3-operation prompts: lengths differ, so a batch needs real left padding.
-    return build_queries(examples[::5], load_template("toy"))
+    return prepare(model, examples[::5], resolve_spec(model, "toy"))
+
+
+@pytest.fixture(scope="module")
+def queries(queryset):
+    return queryset.queries
+
+
+def quiet(**kw):
+    return AttentionConfig(progress=False, **kw)
 
 
 def encode(model, prompts):
@@ -117,7 +127,7 @@ def test_hook_rows_under_left_padding_equal_single_prompts(model, queries):
         query_attention_rows(model, tokens, mask, [width] * len(batch))
 
 
-def test_hooks_are_removed_when_the_forward_pass_raises(model, queries):
+def test_hooks_are_removed_when_the_forward_pass_raises(model, queries, queryset):
     tokens, mask = encode(model, [queries[0].prompt])
 
     def boom(pattern, hook):
@@ -128,7 +138,7 @@ def test_hooks_are_removed_when_the_forward_pass_raises(model, queries):
             query_attention_rows(model, tokens, mask, [tokens.shape[1] - 1])  # layer 0's hook already fired
         assert hooks_left(model) == 1  # only the caller's own hook
         with pytest.raises(RuntimeError, match="boom"):
-            attention_to_roles(model, queries[:3], progress=False)
+            attention_to_roles(model, queryset[:3], quiet())
         assert hooks_left(model) == 1
     assert hooks_left(model) == 0
     rows = query_attention_rows(model, tokens, mask, [tokens.shape[1] - 1])  # still works afterwards
@@ -173,8 +183,8 @@ def test_role_positions_match_the_tokens(model, queries):
     assert any(len(hand_positions(model, q)["queried_box_label"]) > 1 for q in queries)
 
 
-def test_attention_to_roles_masses_are_consistent(model, queries):
-    raw = attention_to_roles(model, queries, batch_size=4, by_mention=True, progress=False)
+def test_attention_to_roles_masses_are_consistent(model, queries, queryset):
+    raw = attention_to_roles(model, queryset, quiet(batch_size=4, by_mention=True))
     assert len(raw) == len(queries) * N_LAYERS * N_HEADS * (len(ROLES) + len(MENTION_ROLES))
     main = raw[raw["role"].isin(ROLES)]
     total = main.groupby(["query", "layer", "head"])["mass"].sum(min_count=1)
@@ -188,13 +198,14 @@ def test_attention_to_roles_masses_are_consistent(model, queries):
     first = raw[raw["query"] == 0].iloc[0]
     assert (first["sample_id"], first["box"], first["numops"]) == (
         queries[0].examples[0].sample_id, queries[0].examples[0].box, queries[0].examples[0].numops)
-    one = attention_to_roles(model, queries, batch_size=1, by_mention=True, progress=False)
+    one = attention_to_roles(model, queryset, quiet(batch_size=1, by_mention=True))
     np.testing.assert_allclose(one["mass"], raw["mass"], atol=1e-5)  # batching and padding change nothing
 
 
-def test_known_attention_gives_known_masses(model, queries):
+def test_known_attention_gives_known_masses(model, queries, queryset):
     """Heads whose query row is overwritten with a one-hot on a chosen token put all their mass there."""
-    batch = [q for q in queries if q.examples[0].gold != "nothing"][:4]
+    chosen = queryset.select([i for i, q in enumerate(queries) if q.examples[0].gold != "nothing"][:4])
+    batch = chosen.queries
     tokens, _ = encode(model, [q.prompt for q in batch])
     width = tokens.shape[1]
     hand = [hand_positions(model, q) for q in batch]
@@ -213,7 +224,7 @@ def test_known_attention_gives_known_masses(model, queries):
         return overwrite
 
     with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", make(l)) for l in range(N_LAYERS)]):
-        raw = attention_to_roles(model, batch, batch_size=len(batch), progress=False)
+        raw = attention_to_roles(model, chosen, quiet(batch_size=len(batch)))
     for (l, h), role in targets.items():
         d = raw[(raw["layer"] == l) & (raw["head"] == h)]
         np.testing.assert_allclose(d.loc[d["role"] == role, "mass"], 1.0, atol=1e-6)
@@ -284,10 +295,11 @@ def test_compare_heads_paired_and_from_aggregates():
         compare_heads(a, b.assign(sample_id=b["sample_id"] + 100))
 
 
-def test_example_attention_figure_labels_tokens(model, queries):
-    q = next(q for q in queries if q.examples[0].gold != "nothing")
+def test_example_attention_figure_labels_tokens(model, queries, queryset):
+    index = next(i for i, q in enumerate(queries) if q.examples[0].gold != "nothing")
+    q = queries[index]
     words = words_of(model, q.prompt)
-    fig = example_attention_figure(model, q, layer=1)
+    fig = example_attention_figure(model, queryset, index, layer=1)
     heat = fig.data[0]
     assert np.asarray(heat.z).shape == (N_HEADS, len(words))
     np.testing.assert_allclose(np.asarray(heat.z).sum(1), 1.0, atol=1e-5)
@@ -296,7 +308,7 @@ def test_example_attention_figure_labels_tokens(model, queries):
     assert all(labels[p].endswith("[box]") for p in hand["queried_box_label"])
     assert all(labels[p].endswith("[gold]") for p in hand["correct_objects"])
     assert labels[-1] == words[-1] == "contains"
-    assert np.asarray(example_attention_figure(model, q).data[0].z).shape == (N_LAYERS, len(words))
-    assert np.asarray(example_attention_figure(model, q, layer=0, head=2).data[0].z).shape == (1, len(words))
+    assert np.asarray(example_attention_figure(model, queryset, index).data[0].z).shape == (N_LAYERS, len(words))
+    assert np.asarray(example_attention_figure(model, queryset, index, layer=0, head=2).data[0].z).shape == (1, len(words))
     with pytest.raises(ValueError, match="head=9 is out of range"):
-        example_attention_figure(model, q, head=9)
+        example_attention_figure(model, queryset, index, head=9)

@@ -20,7 +20,7 @@ from boxprobe.activations.cache import (
 from boxprobe.config import ConfigError
 from boxprobe.data.labels import query_labels
 from boxprobe.models.loading import load_model
-from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
@@ -33,16 +33,19 @@ def model(tmp_path_factory):
     return load_model(directory, device="cpu")
 
 
+def examples():
+    return [e for s in generate_sequences(DATA) for e in sequence_examples(s, DATA)]
+
+
 @pytest.fixture(scope="module")
-def queries():
-    examples = [e for s in generate_sequences(DATA) for e in sequence_examples(s, DATA)]
+def queries(model):
+    ex = examples()
     # Interleave prefixes of different lengths so every batch is left-padded.
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:40]
-    return build_queries([examples[i] for i in order], load_template("toy"))
+    order = torch.randperm(len(ex), generator=torch.Generator().manual_seed(0))[:40]
+    return prepare(model, [ex[i] for i in order], resolve_spec(model, "toy"))
 
 
-CFG = CacheConfig(hooks=("resid_post",), roles=("query_last", "box_mention"), batch_size=3, shard_size=8,
-                  template="toy")
+CFG = CacheConfig(hooks=("resid_post",), roles=("query_last", "box_mention"), batch_size=3, shard_size=8)
 
 
 def hook_count(model):
@@ -75,16 +78,16 @@ def test_config_validation():
 
 def test_batched_cache_equals_unbatched_run_with_cache(model, queries, tmp_path):
     cfg = CacheConfig(hooks=("resid_post", "attn.hook_z"), roles=("query_last", "box_mention"), batch_size=4,
-                      shard_size=8, template="toy")
+                      shard_size=8, reuse_context=False)
     reader = build_cache(model, queries[:12], tmp_path, cfg, progress=False)
-    lengths = [len(model.tokenizer(q.prompt)["input_ids"]) for q in queries[:4]]
+    lengths = [len(it.prompt) for it in queries[:4]]
     assert len(set(lengths)) > 1, "the first batch must need left padding"
     last, meta = reader.activations("resid_post", "query_last"), reader.metadata("query_last")
     boxes, bmeta = reader.activations("blocks.*.hook_resid_post", "box_mention"), reader.metadata("box_mention")
     z = reader.activations("attn.z", "query_last")
     assert last.shape == (12, 2, 32) and z.shape == (12, 2, 4, 8) and len(boxes) == len(bmeta)
     assert list(meta["query_index"]) == list(range(12))
-    for i, q in enumerate(queries[:12]):
+    for i, q in enumerate(queries.queries[:12]):
         _, ref = model.run_with_cache(q.prompt, names_filter=lambda n: n.endswith(("hook_resid_post", "hook_z")))
         for layer in range(2):
             torch.testing.assert_close(last[i, layer], ref[f"blocks.{layer}.hook_resid_post"][0, -1], atol=1e-5, rtol=0)
@@ -95,7 +98,32 @@ def test_batched_cache_equals_unbatched_run_with_cache(model, queries, tmp_path)
     # Per-shard iteration gives the same rows, and one explicit layer keeps its axis.
     assert torch.equal(torch.cat([a for a, _ in reader.iter_shards("resid_post", "query_last")]), last)
     assert torch.equal(reader.activations("blocks.1.hook_resid_post", "query_last")[:, 0], last[:, 1])
-    assert meta.loc[3, "gold"] == query_labels(queries[3])["gold"] and meta.loc[3, "role"] == "query_last"
+    assert meta.loc[3, "gold"] == query_labels(queries[3].query)["gold"] and meta.loc[3, "role"] == "query_last"
+
+
+def test_prefix_reuse_matches_full_passes_and_answer_roles(model, tmp_path):
+    """Each context's prefix once through the key-value cache gives the rows of one full pass per prompt,
+    answer-prefix roles (in the teacher-forced gold) included; ``layers`` keeps only those blocks."""
+    # Consecutive queries of one context, so contexts share prefixes within batches.
+    qs = prepare(model, examples()[:21], resolve_spec(model, "toy"))
+    roles = ("query_last", "box_mention", "answer_prefix", "answer_object")
+    shared = dict(hooks=("resid_post",), roles=roles, batch_size=7, shard_size=64)
+    reused = build_cache(model, qs, tmp_path / "r", CacheConfig(**shared, layers=(1,)), progress=False)
+    plain = build_cache(model, qs, tmp_path / "p", CacheConfig(**shared, reuse_context=False), progress=False)
+    assert reused.layers("resid_post") == (1,) and plain.layers("resid_post") == (0, 1)
+    for role in roles:
+        a, b = reused.activations("resid_post", role), plain.activations("resid_post", role)
+        assert len(a) and a.shape[1] == 1
+        torch.testing.assert_close(a[:, 0], b[:, 1], atol=1e-4, rtol=0)
+    meta = reused.metadata("answer_prefix")
+    for row in meta.head(6).itertuples():
+        ids = qs[row.query_index].ids
+        assert model.tokenizer.convert_ids_to_tokens(ids[row.token_index]) == "the"
+        _, ref = model.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == "blocks.1.hook_resid_post")
+        torch.testing.assert_close(reused.activations("resid_post", "answer_prefix")[row.item, 0],
+                                   ref["blocks.1.hook_resid_post"][0, row.token_index], atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="layers \\[5\\] do not exist"):
+        build_cache(model, qs, tmp_path / "x", CacheConfig(**shared, layers=(5,)), progress=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -114,11 +142,14 @@ def test_dtypes_roundtrip(model, queries, tmp_path, dtype):
 def test_manifest_mismatch_is_refused(model, queries, tmp_path):
     build_cache(model, queries[:6], tmp_path, CFG, progress=False)
     for changed, field in [(dict(hooks=("attn_out",)), "hooks"), (dict(dtype="bfloat16"), "dtype"),
-                           (dict(roles=("query_last",)), "roles"), (dict(template="default"), "template")]:
+                           (dict(roles=("query_last",)), "roles"), (dict(layers=(0,)), "layers")]:
         with pytest.raises(CacheMismatchError, match=f"{field}.*(delete|another directory)"):
             build_cache(model, queries[:6], tmp_path, CacheConfig(**{**CFG.__dict__, **changed}), progress=False)
     with pytest.raises(CacheMismatchError, match="queries_sha256"):
         build_cache(model, queries[6:12], tmp_path, CFG, progress=False)
+    other_spec = prepare(model, queries.examples[:6], resolve_spec(model, "toy", "all-boxes"))
+    with pytest.raises(CacheMismatchError, match="spec: cached"):
+        build_cache(model, other_spec, tmp_path, CFG, progress=False)
     with pytest.raises(CacheMismatchError, match="data_sha256"):
         build_cache(model, queries[:6], tmp_path, CFG, data_hash="0" * 64, progress=False)
     compat = load_model(model.boxprobe_info.path_or_id, device="cpu", compatibility_mode=True)
@@ -131,7 +162,7 @@ def test_manifest_mismatch_is_refused(model, queries, tmp_path):
 
 
 def test_no_hook_survives_an_exception(model, queries, tmp_path, monkeypatch):
-    tokens = model.to_tokens(queries[0].prompt)
+    tokens = torch.tensor([queries[0].prompt])
     with torch.inference_mode():
         before = model(tokens)
     n_hooks = hook_count(model)

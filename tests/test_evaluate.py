@@ -11,7 +11,9 @@ from transformers import PreTrainedTokenizerFast
 
 import boxprobe.behaviour.evaluate as ev
 from boxprobe.cli import main
-from boxprobe.behaviour.evaluate import ContextLengthError, evaluate, evaluate_file, kv_cache_works
+from boxprobe.behaviour.evaluate import ContextLengthError, EvalConfig, evaluate_file, kv_cache_works
+from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.models.loading import ModelLoadError, load_model
 from boxprobe.behaviour.scoring import parse_contents
 from boxprobe.data.task import MASK, TaskConfig, generate_sequences, load_vocabulary, sequence_examples, write_examples
@@ -19,6 +21,12 @@ from boxprobe.models.toy import build_tokenizer
 from helpers import make_toy_checkpoint
 
 TOY_META = {"prompt_template": "toy", "prompt_format": "per-box"}
+
+
+def evaluate(model, examples, prompt_format=None, limit=None, **config):
+    """prepare() then evaluate(), the library's one entry shape."""
+    queries = prepare(model, examples, resolve_spec(model, format=prompt_format), limit=limit)
+    return ev.evaluate(model, queries, EvalConfig(**config))
 
 
 def make_checkpoint(path, tok, n_ctx=512, boost_period=4.0, seed=0):
@@ -137,7 +145,7 @@ def test_all_boxes_format(toy, examples):
 
 def test_all_boxes_fast_verdict_per_box_span(toy, examples):
     tok = toy.tokenizer
-    item = ev.encode_queries(toy, ev.build_queries(examples[:7], ev.load_template("toy"), "all-boxes"))[0]
+    item = prepare(toy, examples[:7], resolve_spec(toy, format="all-boxes"))[0]
     spans = item.spans
     assert len(spans) == 7 and spans[0][0] == 0 and spans[-1][1] == len(item.gold)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
@@ -178,13 +186,13 @@ def test_multi_token_objects_with_a_bpe_tokenizer(tmp_path):
     result = evaluate(model, examples, method="both", batch_size=7, progress=False)
     assert result.summary["agreement"]["exact_match"] == 1.0
     assert len(result.frame) == 28
-    item = ev.encode_queries(model, ev.build_queries(examples[:1], ev.load_template("toy")))[0]
+    item = prepare(model, examples[:1])[0]
     assert tok.decode(item.gold) == examples[0].answer_text + "."
 
 
 def test_evaluate_file_writes_summary(toy_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    result = evaluate_file(toy_dir, data_file, out, method="both", batch_size=7, limit=21)
+    result = evaluate_file(toy_dir, data_file, out, limit=21, config=EvalConfig(method="both", batch_size=7))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["template"] == "toy" and summary["prompt_format"] == "per-box" and summary["method"] == "both"
     assert summary["weight_mode"] == "raw" and summary["revision"] and summary["model"] == str(toy_dir)
@@ -234,7 +242,7 @@ def test_too_long_prompt_fails_before_any_batch(tmp_path, examples, monkeypatch)
     write_examples(data, examples[:28])
     tok = model.tokenizer
     lengths = [len(tok(q.prompt + q.continuation)["input_ids"]) - 1
-               for q in ev.build_queries(examples[:28], ev.load_template("toy"))]
+               for q in build_queries(examples[:28], load_template("toy"))]
     first_bad = next(i for i, n in enumerate(lengths) if n > 80)
     assert first_bad > 0  # the short contexts fit; a later one does not
 
@@ -261,6 +269,6 @@ def test_failed_batch_keeps_computed_rows(toy, data_file, tmp_path, monkeypatch)
     monkeypatch.setattr(ev, "fast_batch", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="device lost"):
-        evaluate_file(toy, data_file, out, batch_size=7)
+        evaluate_file(toy, data_file, out, config=EvalConfig(batch_size=7))
     partial = (out / "results.partial.csv").read_text().splitlines()
     assert len(partial) == 1 + 7 and not (out / "summary.json").exists()

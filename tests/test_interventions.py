@@ -10,7 +10,7 @@ from boxprobe.activations.cache import CacheConfig, build_cache
 from boxprobe.data.labels import query_labels
 from boxprobe.models.loading import load_model
 from boxprobe.probing.metrics import nullspace_projection
-from boxprobe.data.prompts import build_queries, load_template
+from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from helpers import make_toy_checkpoint
 
@@ -25,17 +25,17 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def queries():
+def queries(model):
     data = TaskConfig(num_boxes=3, num_samples=4, num_operations=4, seed=1)
     examples = [e for s in generate_sequences(data) for e in sequence_examples(s, data)]
     order = np.random.default_rng(0).permutation(len(examples))  # mix prompt lengths: batches need padding
-    qs = [q for q in build_queries([examples[i] for i in order], load_template("toy")) if query_labels(q)["gold"]]
-    return qs[:10]
+    qs = prepare(model, [examples[i] for i in order], resolve_spec(model, "toy"))
+    return qs.select([i for i, q in enumerate(qs.queries) if query_labels(q)["gold"]][:10])
 
 
 @pytest.fixture(scope="module")
 def objects(queries):
-    return [query_labels(q)["gold"][-1] for q in queries]
+    return [query_labels(q)["gold"][-1] for q in queries.queries]
 
 
 def hook_count(model):
@@ -61,8 +61,8 @@ def test_ablation_removes_the_directions_at_query_last_only(model, queries, obje
     before = capture_resid_pre1(model, lambda: baseline(model, q, obj, batch_size=4))
     after = capture_resid_pre1(model, lambda: iv.ablate_directions(model, q, D, layer=0, objects=obj, batch_size=4))
     tok = model.tokenizer
-    prompts = [len(tok(x.prompt)["input_ids"]) for x in q]
-    rows = [len(tok(x.prompt + x.continuation)["input_ids"]) - 1 for x in q]  # prompt + gold[:-1]
+    prompts = [len(tok(x.prompt)["input_ids"]) for x in q.queries]
+    rows = [len(tok(x.prompt + x.continuation)["input_ids"]) - 1 for x in q.queries]  # prompt + gold[:-1]
     assert len(set(rows)) > 1, "the batch must be left-padded"
     for i, (n_prompt, n_row) in enumerate(zip(prompts, rows)):
         pos = before.shape[1] - n_row + n_prompt - 1  # query_last (the prompt's last token) under left padding
@@ -114,7 +114,7 @@ def test_full_basis_changes_everything_and_k0_nothing(model, queries, objects):
 
 def test_batched_equals_single(model, queries, objects):
     D = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(4))
-    lengths = {len(model.tokenizer(q.prompt)["input_ids"]) for q in queries[:4]}
+    lengths = {len(it.prompt) for it in queries[:4]}
     assert len(lengths) > 1, "the batch must need left padding"
     for layer, hook in ((0, "resid_post"), (1, "resid_pre")):
         batched = iv.ablate_directions(model, queries, D, layer=layer, hook=hook, objects=objects, batch_size=4)
@@ -127,7 +127,7 @@ def test_batched_equals_single(model, queries, objects):
 def test_object_index_points_at_the_object(model, queries, objects):
     out = baseline(model, queries, objects)
     tok = model.tokenizer
-    for q, obj, j in zip(queries, objects, out["object_index"]):
+    for q, obj, j in zip(queries.queries, objects, out["object_index"]):
         gold = tok(q.prompt + q.continuation)["input_ids"][len(tok(q.prompt)["input_ids"]):]
         assert tok.decode([gold[j]]).strip() == obj
 
@@ -193,9 +193,8 @@ def test_causal_check_table_and_summary(model, queries, objects):
 def test_object_directions_from_cache(model, queries, tmp_path):
     data = TaskConfig(num_boxes=3, num_samples=8, num_operations=3, seed=2)
     examples = [e for s in generate_sequences(data) for e in sequence_examples(s, data)]
-    qs = build_queries(examples, load_template("toy"))
-    reader = build_cache(model, qs, tmp_path / "c", CacheConfig(roles=("query_last",), batch_size=8, template="toy"),
-                         progress=False)
+    qs = prepare(model, examples, resolve_spec(model, "toy"))
+    reader = build_cache(model, qs, tmp_path / "c", CacheConfig(roles=("query_last",), batch_size=8), progress=False)
     meta = reader.metadata("query_last")
     counts = pd.Series([o for g in meta["gold"] for o in g]).value_counts()
     obj = counts.index[0]

@@ -7,6 +7,7 @@ hand-edited weights where the answer is known.
 
 import logging
 import re
+from types import SimpleNamespace
 from collections import Counter
 
 import pytest
@@ -19,6 +20,7 @@ from boxprobe.models.loading import ModelMismatchError, load_model
 from boxprobe.data.pairs import PAIR_KINDS, build_pairs, collate_pairs
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from boxprobe.models.toy import build_tokenizer
+from boxprobe.data.queries import prepare, resolve_spec
 from helpers import make_toy_checkpoint
 
 CFG = TaskConfig(num_boxes=4, num_samples=6, num_operations=1, seed=3)
@@ -46,6 +48,15 @@ def examples():
     return [e for s in generate_sequences(CFG) for e in sequence_examples(s, CFG)]
 
 
+def pairs_of(model, examples, kind, template=None, **kw):
+    return build_pairs(model, prepare(model, examples, resolve_spec(model, template)), kind, **kw)
+
+
+def bare(tokenizer):
+    """Just a tokenizer and a context length: what pairs need of a model."""
+    return SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(n_ctx=1024))
+
+
 def same_length(pairs, n):
     length, _ = Counter(len(p.clean_ids) for p in pairs).most_common(1)[0]
     return [p for p in pairs if len(p.clean_ids) == length][:n]
@@ -54,13 +65,13 @@ def same_length(pairs, n):
 @pytest.fixture(scope="module")
 def flat_batch(model, examples):
     """Equal-length object-value pairs: no padding, so TransformerLens can run them too."""
-    pairs, _ = build_pairs(examples, "object-value", model)
+    pairs, _ = pairs_of(model, examples, "object-value")
     return collate_pairs(same_length(pairs, 3), model.tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
 def padded_batch(model, examples):
-    pairs, _ = build_pairs(examples, "query-box", model)
+    pairs, _ = pairs_of(model, examples, "query-box")
     by_length = {len(p.clean_ids): p for p in pairs}
     batch = collate_pairs(list(by_length.values())[:3], model.tokenizer.pad_token_id)
     assert batch.attention_mask is not None and len(set(batch.pad.tolist())) == 3
@@ -85,7 +96,7 @@ def first_words(answer):
 @pytest.mark.parametrize("kind", PAIR_KINDS)
 def test_pairs_are_equal_length_and_differ_in_first_answer_token(model, examples, kind):
     tok = model.tokenizer
-    pairs, stats = build_pairs(examples, kind, model, seed=1)
+    pairs, stats = pairs_of(model, examples, kind, seed=1)
     assert stats.n_pairs == len(pairs) > len(examples) // 3
     assert stats.n_examples == stats.n_pairs + sum(stats.rejected.values())
     for p in pairs:
@@ -121,7 +132,7 @@ def test_pairs_are_equal_length_and_differ_in_first_answer_token(model, examples
         else:
             label = corrupt_ex.statement_prefix.removesuffix(" contains")
             assert label not in p.clean.prompt and p.corrupt_answer == " nothing."
-    again, _ = build_pairs(examples, kind, model, seed=1)
+    again, _ = pairs_of(model, examples, kind, seed=1)
     assert [p.corrupt.prompt for p in again] == [p.corrupt.prompt for p in pairs]
 
 
@@ -132,13 +143,13 @@ def test_length_mismatch_is_rejected_counted_and_logged(caplog):
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [tok.backend_tokenizer.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True)])
     with caplog.at_level(logging.WARNING, logger="boxprobe.data.pairs"):
-        pairs, stats = build_pairs(examples, "random-label", tok, template="toy")
+        pairs, stats = pairs_of(bare(tok), examples, "random-label", "toy")
     empty = sum(e.gold == "nothing" for e in examples)
     assert pairs == [] and stats.rejected["length"] == len(examples) - empty > 0
     assert stats.rejected["same_answer"] == empty
     assert any("different lengths" in r.message for r in caplog.records)
     # The word-level toy tokenizer has no "10".."19": the labels are unknown words, rejected as such.
-    none, unknown = build_pairs(examples, "random-label", build_tokenizer(), template="toy")
+    none, unknown = pairs_of(bare(build_tokenizer()), examples, "random-label", "toy")
     assert none == [] and unknown.rejected["length"] == 0
     assert unknown.rejected["tokenization"] == len(examples) - empty
 

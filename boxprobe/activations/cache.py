@@ -44,7 +44,7 @@ MANIFEST = "manifest.json"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Manifest fields that must agree before a directory's shards are reused.
 COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
-            "queries_sha256", "n_queries", "spec", "shard_size")
+            "queries_sha256", "n_queries", "spec", "layers", "shard_size")
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
 
 

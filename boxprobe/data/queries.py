@@ -275,9 +275,9 @@ def prepare(model, examples: Sequence[Example] | str | Path, spec: PromptSpec | 
             ex = q.examples[0]
             raise ContextLengthError(
                 f"sample_id={ex.sample_id} num_operations={ex.num_operations} box={ex.box}: the prompt and answer need "
-                f"{len(f_ids) - 1} positions, more than the model's context n_ctx={n_ctx}. Use a template with fewer "
-                f"demonstrations (template {spec.template.name!r} has {len(spec.template.demonstrations)}; 'toy' has "
-                "none) or data with fewer operations.", ex)
+                f"{len(f_ids) - 1} positions, more than the model's context n_ctx={n_ctx}. Use data with fewer "
+                f"operations, or a template with fewer demonstrations (template {spec.template.name!r} has "
+                f"{len(spec.template.demonstrations)}; 'toy' has none).", ex)
         items.append(EncodedQuery(q, list(p_ids), list(f_ids[len(p_ids):]), _spans(tok, q, p_ids, f_ids, spec.chat)))
         query_rows = [(*r, None) for r in prompt_role_rows(q, p_off, p_sp)] + _answer_rows(q, f_off, f_sp)
         rows += query_rows
