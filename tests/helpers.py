@@ -149,8 +149,8 @@ def make_toy_checkpoint(path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=None, 
 def make_tiny_gguf(path: str | Path, quant: str = "Q8_0", seed: int = 0, d_model: int = 64) -> Path:
     """Write a tiny random Llama as a GGUF file (byte-level BPE vocabulary, `quant` weight matrices).
 
-    Loads through transformers' GGUF reader like a llama.cpp export, in well under a second, so the
-    GGUF code paths can be tested without the real SmolLM2 file.
+    Loads through transformers' GGUF reader like a llama.cpp export, so the GGUF code paths can be
+    tested quickly without the real SmolLM2 file.
     """
     import gguf
     import numpy as np

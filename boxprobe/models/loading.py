@@ -336,7 +336,7 @@ def _check_placement(
     return True
 
 
-def _default_dtype_device(device_map, n_devices) -> str:
+def _default_dtype_device(device_map) -> str:
     """The device whose default dtype a dispatched model gets: cuda unless it all lives on cpu/disk."""
     if isinstance(device_map, dict):
         targets = {str(v).lower() for v in device_map.values()}
@@ -392,7 +392,7 @@ def load_model(
     name = str(name_or_path)
     dispatched = _check_placement(device, device_map, n_devices, max_memory, random_init, repr(name))
     device_str = None if dispatched else resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device_str or _default_dtype_device(device_map, n_devices))
+    torch_dtype = resolve_dtype(dtype, device_str or _default_dtype_device(device_map))
     resolved = name if isinstance(name_or_path, Path) else resolve_model_name(name)
     gguf_file = None
     local = (
@@ -402,11 +402,11 @@ def load_model(
         or resolved.lower().endswith(".gguf")
     )
     if local:
-        from boxprobe.models import gguf
+        from boxprobe.models import gguf as gguf_files
 
-        gguf_file = gguf.find_gguf(resolved)
+        gguf_file = gguf_files.find_gguf(resolved)
     if gguf_file is not None:
-        converted, sha = gguf.cached_conversion(gguf_file)
+        converted, sha = gguf_files.cached_conversion(gguf_file)
         ckpt = check_checkpoint_dir(converted, name)
         metadata = {**read_checkpoint_metadata(ckpt), "converted_dir": str(ckpt)}
         source, target, rev = "gguf", str(ckpt), sha
