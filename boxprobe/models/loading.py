@@ -89,20 +89,20 @@ class ModelInfo:
     def model_id(self) -> str:
         """A file-name-safe identity: the model's name plus a short revision, e.g.
         ``toy-base@1a2b3c4d5e6f``. See `model_id`."""
-        return _make_model_id(self.name, self.source, self.revision)
+        return _make_model_id(self.path_or_id, self.source, self.revision)
 
 
-_RANDOM_INIT_SUFFIX = re.compile(r" \(random init, seed -?\d+\)$")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
 MODEL_ID_REVISION_LENGTH = 12
 
 
-def _make_model_id(name: str, source: str, revision: str | None) -> str:
-    base = _RANDOM_INIT_SUFFIX.sub("", name)
+def _make_model_id(path_or_id: str, source: str, revision: str | None) -> str:
+    # Built from the resolved hub id or path, so a registry name and its hub id, or a relative and an
+    # absolute path, give the same id. A local model is named by its directory (or .gguf file stem);
+    # the revision, a content hash, tells apart two directories of the same name.
+    base = path_or_id
     if source != "hub":
-        # Local directories are named by their last component; the revision (a content hash)
-        # tells apart two directories of the same name.
-        base = Path(base.rstrip("/\\")).name or base
+        base = Path(path_or_id.rstrip("/\\")).name or path_or_id
         if base.lower().endswith(".gguf"):
             base = base[: -len(".gguf")]
     base = _UNSAFE_ID_CHARS.sub("_", base.replace("/", "--")).strip("_") or "model"
@@ -493,9 +493,10 @@ def model_label(model: TransformerBridge) -> str:
 def model_id(model: TransformerBridge) -> str:
     """A stable, file-name-safe identity of a loaded model: its name plus a short revision.
 
-    Hub models give ``org--name@<commit>``, local checkpoints ``<dir name>@<content hash>``
-    (so two directories of the same name but different weights differ), GGUF files
-    ``<file stem>@<sha256>``, random-init baselines ``<name>@random-init-<seed>-of-<hash>``.
+    Hub models (by registry name or hub id alike) give ``org--name@<commit>``, local checkpoints
+    ``<dir name>@<content hash>`` (so two directories of the same name but different weights
+    differ), GGUF files ``<file stem>@<sha256>``, random-init baselines
+    ``<name>@random-init-<seed>-of-<hash>``.
     Raises ValueError for a bridge not loaded by `load_model`, which has no recorded revision.
     """
     info = model_info(model)
