@@ -326,7 +326,7 @@ def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(tiny_llama
 # --------------------------------------------------------------------------- identity
 
 
-def test_model_id_tells_apart_checkpoints_with_the_same_directory_name(tmp_path):
+def test_model_id_tells_apart_checkpoints_with_the_same_directory_name(tmp_path, monkeypatch):
     from boxprobe.models.loading import ModelInfo, model_id
 
     a = load_model(make_tiny_checkpoint(tmp_path / "a" / "ckpt", seed=0), device="cpu")
@@ -337,10 +337,12 @@ def test_model_id_tells_apart_checkpoints_with_the_same_directory_name(tmp_path)
     assert ids[0] == ids[2]  # content-addressed: identical checkpoints share an id
     assert all(re.fullmatch(r"ckpt@[0-9a-f]{12}", i) for i in ids)
     assert a.boxprobe_info.model_id == ids[0]
+    monkeypatch.chdir(tmp_path / "b")
+    assert model_id(load_model("./ckpt", device="cpu")) == ids[1]  # relative path, same id
     fresh = load_model(tmp_path / "a" / "ckpt", device="cpu", random_init=True, seed=3)
     assert model_id(fresh) == f"ckpt@random-init-3-of-{ids[0].split('@')[1]}"
 
-    hub = ModelInfo(name="codellama/CodeLlama-7b-hf", source="hub", path_or_id="codellama/CodeLlama-7b-hf",
+    hub = ModelInfo(name="CodeLlama-7b", source="hub", path_or_id="codellama/CodeLlama-7b-hf",
                     revision="3773f63b4511b9e47a9a7ffc765eed7eb0169486", weight_mode="raw",
                     prompt_format=None, device="cpu", dtype="float32")
     assert hub.model_id == "codellama--CodeLlama-7b-hf@3773f63b4511"
