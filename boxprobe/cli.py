@@ -5,6 +5,7 @@
     boxprobe probe CONFIG.yaml [--out DIR]
     boxprobe demo [--out DIR] [--models M ...] [--stages ...]
     boxprobe dashboard RUN_DIR
+    boxprobe convert PATH.gguf --out DIR
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from boxprobe.models.gguf import convert_gguf
+
+    print(f"wrote {convert_gguf(args.gguf, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxprobe", description="Entity tracking interpretability on the boxes task.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -137,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("dashboard", help="write RUN_DIR/dashboard.html from a run directory")
     da.add_argument("run_dir", type=Path)
     da.set_defaults(func=_dashboard)
+
+    co = sub.add_parser("convert", help="dequantise a GGUF file into a float32 Hugging Face checkpoint")
+    co.add_argument("gguf", type=Path, help="the .gguf file")
+    co.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    co.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    co.set_defaults(func=_convert)
     return parser
 
 

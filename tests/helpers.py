@@ -144,3 +144,72 @@ def make_toy_checkpoint(path, *, n_layers=2, d_model=32, n_heads=4, d_mlp=None, 
             edit(model, tok)
     save_checkpoint(model, tok, Path(path), metadata)
     return Path(path)
+
+
+def make_tiny_gguf(path: str | Path, quant: str = "Q8_0", seed: int = 0, d_model: int = 64) -> Path:
+    """Write a tiny random Llama as a GGUF file (byte-level BPE vocabulary, `quant` weight matrices).
+
+    Loads through transformers' GGUF reader like a llama.cpp export, so the GGUF code paths can be
+    tested quickly without the real SmolLM2 file.
+    """
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    spelled = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "Ġt h", "Ġth e", "B o", "Bo x"]
+    tokens = specials + spelled + ["Ġt", "Ġth", "Ġthe", "Bo", "Box"]
+    token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))  # 3 control, 1 normal
+    n_layers, n_heads, n_kv, d_ff = 2, 4, 2, 2 * d_model
+    d_head = d_model // n_heads
+    qtype = gguf.GGMLQuantizationType[quant]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-gguf-llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(d_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}"))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(token_types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    rng = np.random.default_rng(seed)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        data = rng.normal(0.0, 0.2, size=(rows, cols)).astype(np.float32)
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    def norm(name: str) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.normal(size=d_model)).astype(np.float32))
+
+    matrix("token_embd.weight", len(tokens), d_model)
+    for i in range(n_layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", n_heads * d_head, d_model)
+        matrix(f"blk.{i}.attn_k.weight", n_kv * d_head, d_model)
+        matrix(f"blk.{i}.attn_v.weight", n_kv * d_head, d_model)
+        matrix(f"blk.{i}.attn_output.weight", d_model, n_heads * d_head)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", d_ff, d_model)
+        matrix(f"blk.{i}.ffn_up.weight", d_ff, d_model)
+        matrix(f"blk.{i}.ffn_down.weight", d_model, d_ff)
+    norm("output_norm.weight")
+    matrix("output.weight", len(tokens), d_model)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

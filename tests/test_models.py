@@ -321,3 +321,87 @@ def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(tiny_llama
     assert not torch.allclose(a, b, atol=1e-3)
     torch.testing.assert_close(b, c)
     assert "random init" in model_info(fresh).name and model_info(fresh).revision != model_info(trained).revision
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_model_id_tells_apart_checkpoints_with_the_same_directory_name(tmp_path, monkeypatch):
+    from boxprobe.models.loading import ModelInfo, model_id
+
+    a = load_model(make_tiny_checkpoint(tmp_path / "a" / "ckpt", seed=0), device="cpu")
+    b = load_model(make_tiny_checkpoint(tmp_path / "b" / "ckpt", seed=1), device="cpu")
+    same_as_a = load_model(make_tiny_checkpoint(tmp_path / "c" / "ckpt", seed=0), device="cpu")
+    ids = model_id(a), model_id(b), model_id(same_as_a)
+    assert ids[0] != ids[1]  # same base name, different weights
+    assert ids[0] == ids[2]  # content-addressed: identical checkpoints share an id
+    assert all(re.fullmatch(r"ckpt@[0-9a-f]{12}", i) for i in ids)
+    assert a.boxprobe_info.model_id == ids[0]
+    monkeypatch.chdir(tmp_path / "b")
+    assert model_id(load_model("./ckpt", device="cpu")) == ids[1]  # relative path, same id
+    fresh = load_model(tmp_path / "a" / "ckpt", device="cpu", random_init=True, seed=3)
+    assert model_id(fresh) == f"ckpt@random-init-3-of-{ids[0].split('@')[1]}"
+
+    hub = ModelInfo(name="CodeLlama-7b", source="hub", path_or_id="codellama/CodeLlama-7b-hf",
+                    revision="3773f63b4511b9e47a9a7ffc765eed7eb0169486", weight_mode="raw",
+                    prompt_format=None, device="cpu", dtype="float32")
+    assert hub.model_id == "codellama--CodeLlama-7b-hf@3773f63b4511"
+    del a.boxprobe_info
+    with pytest.raises(ValueError, match="load_model"):
+        model_id(a)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_device_map_with_disk_offload_matches_single_device(tiny_llama_dir, tmp_path):
+    single = load_model(tiny_llama_dir, device="cpu", dtype="float32")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "disk", "lm_head": "disk"}
+    offload = tmp_path / "offload"
+    split = load_model(tiny_llama_dir, dtype="float32", device_map=device_map, offload_folder=offload)
+    # Disk entries stay as meta placeholders, read per call from the checkpoint's safetensors file
+    # (transformers reads safetensors in place, so offload_folder stays empty).
+    devices = {n: p.device.type for n, p in split.original_model.named_parameters()}
+    assert {d for n, d in devices.items() if "layers.1." in n or "lm_head" in n} == {"meta"}
+    assert {d for n, d in devices.items() if "layers.0." in n} == {"cpu"}
+    info = split.boxprobe_info
+    assert info.device_map == device_map and info.device == "cpu" and info.n_devices == 2
+    hooks = ["blocks.1.attn.hook_pattern", "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+    for prompt in PROMPTS[:2]:
+        tokens = single.to_tokens(prompt)
+        with torch.inference_mode():
+            ref, ref_cache = single.run_with_cache(tokens, names_filter=hooks)
+            out, cache = split.run_with_cache(tokens, names_filter=hooks)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        for hook in hooks:  # hooks inside offloaded blocks still fire with the right values
+            torch.testing.assert_close(cache[hook], ref_cache[hook], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device="cpu", device_map="auto"), "mutually exclusive"),
+        (dict(max_memory={"cpu": "1GiB"}), "max_memory only applies"),
+        (dict(device_map={"model": 0, "lm_head": "cpu"}), "mixes accelerators"),
+        (dict(device_map={"model": "meta", "lm_head": "cpu"}), "meta"),
+        (dict(device_map="auto", random_init=True), "random_init"),
+        (dict(n_devices=0), "at least 1"),
+    ],
+)
+def test_placement_errors(tiny_llama_dir, kwargs, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(tiny_llama_dir, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than two CUDA devices")
+def test_n_devices_without_enough_gpus(tiny_llama_dir):
+    with pytest.raises(ModelLoadError, match="n_devices=2 needs 2 CUDA devices"):
+        load_model(tiny_llama_dir, n_devices=2)
+
+
+def test_compatibility_mode_with_disk_offload_is_a_clear_error(tiny_llama_dir, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk",
+                  "model.norm": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ModelLoadError, match="without compatibility_mode"):
+        load_model(tiny_llama_dir, device_map=device_map, offload_folder=tmp_path, compatibility_mode=True)

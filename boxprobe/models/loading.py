@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -64,14 +65,16 @@ class ModelMismatchError(ValueError):
 class ModelInfo:
     """What was loaded, attached to the bridge as `model.boxprobe_info`.
 
-    `revision` is the hub commit hash for hub models (None if unknown) and a content
-    fingerprint (`checkpoint_fingerprint`) for local directories. `weight_mode` is "raw"
-    (HF weights, logits match HF) or "compatibility" (HookedTransformer-style folded and
-    centred weights). `prompt_format` comes from the checkpoint's boxprobe.json, if any.
+    `revision` is the hub commit hash for hub models (None if unknown), a content
+    fingerprint (`checkpoint_fingerprint`) for local directories and the file's sha256 for GGUF
+    files. `weight_mode` is "raw" (HF weights, logits match HF) or "compatibility"
+    (HookedTransformer-style folded and centred weights). `prompt_format` comes from the
+    checkpoint's boxprobe.json, if any. `device` is the embedding's device; `device_map` is the
+    realised module -> device placement when the model was dispatched with a device map.
     """
 
     name: str
-    source: Literal["hub", "local"]
+    source: Literal["hub", "local", "gguf"]
     path_or_id: str
     revision: str | None
     weight_mode: Literal["raw", "compatibility"]
@@ -79,6 +82,37 @@ class ModelInfo:
     device: str
     dtype: str
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    device_map: dict[str, str] | None = field(default=None, hash=False, compare=False)
+    n_devices: int = 1
+
+    @property
+    def model_id(self) -> str:
+        """A file-name-safe identity: the model's name plus a short revision, e.g.
+        ``toy-base@1a2b3c4d5e6f``. See `model_id`."""
+        return _make_model_id(self.path_or_id, self.source, self.revision)
+
+
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+MODEL_ID_REVISION_LENGTH = 12
+
+
+def _make_model_id(path_or_id: str, source: str, revision: str | None) -> str:
+    # Built from the resolved hub id or path, so a registry name and its hub id, or a relative and an
+    # absolute path, give the same id. A local model is named by its directory (or .gguf file stem);
+    # the revision, a content hash, tells apart two directories of the same name.
+    base = path_or_id
+    if source != "hub":
+        base = Path(path_or_id.rstrip("/\\")).name or path_or_id
+        if base.lower().endswith(".gguf"):
+            base = base[: -len(".gguf")]
+    base = _UNSAFE_ID_CHARS.sub("_", base.replace("/", "--")).strip("_") or "model"
+    if revision is None:
+        rev = "unknown-revision"
+    elif revision.startswith("random-init-"):
+        rev = revision  # already "random-init-<seed>-of-<fingerprint>"
+    else:
+        rev = revision[:MODEL_ID_REVISION_LENGTH]
+    return f"{base}@{_UNSAFE_ID_CHARS.sub('_', rev)}"
 
 
 def resolve_device(device: str | torch.device | None) -> str:
@@ -243,6 +277,73 @@ def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
     model.cfg.default_padding_side = "left"
 
 
+_OFFLOAD_TARGETS = ("cpu", "disk")
+
+
+def _check_placement(
+    device: str | torch.device | None,
+    device_map: str | dict[str, str | int] | None,
+    n_devices: int | None,
+    max_memory: dict | None,
+    random_init: bool,
+    label: str,
+) -> bool:
+    """Reject placement arguments TransformerBridge cannot honour; True if the model is dispatched."""
+    if n_devices is not None and n_devices < 1:
+        raise ModelLoadError(f"model {label}: n_devices must be at least 1, got {n_devices}")
+    dispatched = device_map is not None or (n_devices or 1) > 1
+    if not dispatched:
+        if max_memory is not None:
+            raise ModelLoadError(
+                f"model {label}: max_memory only applies to a dispatched model; also pass "
+                "device_map (e.g. 'auto') or n_devices > 1"
+            )
+        return False
+    if device is not None:
+        raise ModelLoadError(
+            f"model {label}: device and device_map/n_devices are mutually exclusive; pass one"
+        )
+    if device_map is not None and n_devices is not None and n_devices > 1:
+        raise ModelLoadError(
+            f"model {label}: pass either device_map or n_devices, not both (n_devices builds a "
+            "balanced device map itself)"
+        )
+    if random_init:
+        raise ModelLoadError(
+            f"model {label}: random_init builds the model itself, which TransformerBridge cannot "
+            "dispatch with device_map/n_devices/max_memory; load it on one device"
+        )
+    if (n_devices or 1) > 1 and torch.cuda.device_count() < n_devices:
+        raise ModelLoadError(
+            f"model {label}: n_devices={n_devices} needs {n_devices} CUDA devices, found "
+            f"{torch.cuda.device_count()}; lower n_devices or pass a device_map"
+        )
+    if isinstance(device_map, dict):
+        targets = {str(v).lower() for v in device_map.values()}
+        if "meta" in targets:
+            raise ModelLoadError(
+                f"model {label}: device_map sends modules to 'meta', which holds no weights; use "
+                "'cpu' or 'disk' for offloading"
+            )
+        offloaded = targets & set(_OFFLOAD_TARGETS)
+        if offloaded and targets - set(_OFFLOAD_TARGETS):
+            # TransformerLens 4.3 rejects such maps: CPU/disk offload is only verified without a GPU.
+            raise ModelLoadError(
+                f"model {label}: device_map mixes accelerators ({sorted(targets - offloaded)}) with "
+                f"{sorted(offloaded)} offload, which TransformerBridge does not support; put every "
+                "module on accelerators, or every module on 'cpu'/'disk'"
+            )
+    return True
+
+
+def _default_dtype_device(device_map) -> str:
+    """The device whose default dtype a dispatched model gets: cuda unless it all lives on cpu/disk."""
+    if isinstance(device_map, dict):
+        targets = {str(v).lower() for v in device_map.values()}
+        return "cpu" if targets <= set(_OFFLOAD_TARGETS) else "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(
     name_or_path: str | Path,
     device: str | torch.device | None = None,
@@ -251,32 +352,65 @@ def load_model(
     revision: str | None = None,
     random_init: bool = False,
     seed: int = 0,
+    device_map: str | dict[str, str | int] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[str | int, str | int] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> TransformerBridge:
-    """Load a registry name, Hugging Face id or local checkpoint directory as a TransformerBridge.
+    """Load a registry name, Hugging Face id, local checkpoint directory or GGUF file as a
+    TransformerBridge.
+
+    A ``.gguf`` file, or a directory holding exactly one and no config.json, is dequantised to a
+    float32 checkpoint once and cached by the file's sha256 (see `boxprobe.models.gguf`); its
+    ModelInfo records that sha256 as the revision and the quantisation in its metadata.
 
     With ``random_init=True`` the architecture, config and tokenizer are the checkpoint's but the
     weights are freshly initialised (seeded): the random-init baseline of probing studies. Its
     name and revision say so, so caches of the two never mix.
 
     Args:
-        name_or_path: e.g. "CodeLlama-7b", "codellama/CodeLlama-7b-hf" or "runs/ckpt".
-        device: None picks "cuda" when available, else "cpu".
+        name_or_path: e.g. "CodeLlama-7b", "codellama/CodeLlama-7b-hf", "runs/ckpt" or
+            "models/x.Q4_1.gguf".
+        device: None picks "cuda" when available, else "cpu". Exclusive with device_map.
         dtype: None picks bfloat16 on cuda and float32 on cpu; or "float32" / "bfloat16" /
             "float16" / a torch.dtype.
         compatibility_mode: apply HookedTransformer-style weight processing (folded
             LayerNorm, centred weights); logits then match HF only up to a per-position
             constant, i.e. log-probs match.
         revision: hub revision (branch, tag or commit) for hub models.
+        device_map: Hugging Face device map ("auto", "balanced" or {module: device}) to spread
+            the model over devices, or offload it to "cpu" / "disk". TransformerBridge does
+            not support maps that mix accelerators with cpu/disk offload.
+        n_devices: split the model evenly over this many CUDA devices.
+        max_memory: per-device memory budget for the dispatcher, with device_map or n_devices.
+        offload_folder: where "disk" entries of device_map keep their weights (default: a
+            temporary directory chosen by transformers).
 
     Returns:
         The bridge, in eval mode, with a left-padding tokenizer and `model.boxprobe_info`.
     """
     name = str(name_or_path)
-    device_str = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device_str)
+    dispatched = _check_placement(device, device_map, n_devices, max_memory, random_init, repr(name))
+    device_str = None if dispatched else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device_str or _default_dtype_device(device_map))
     resolved = name if isinstance(name_or_path, Path) else resolve_model_name(name)
-    local = isinstance(name_or_path, Path) or _looks_like_path(resolved) or Path(resolved).is_dir()
+    gguf_file = None
+    local = (
+        isinstance(name_or_path, Path)
+        or _looks_like_path(resolved)
+        or Path(resolved).is_dir()
+        or resolved.lower().endswith(".gguf")
+    )
     if local:
+        from boxprobe.models import gguf as gguf_files
+
+        gguf_file = gguf_files.find_gguf(resolved)
+    if gguf_file is not None:
+        converted, sha = gguf_files.cached_conversion(gguf_file)
+        ckpt = check_checkpoint_dir(converted, name)
+        metadata = {**read_checkpoint_metadata(ckpt), "converted_dir": str(ckpt)}
+        source, target, rev = "gguf", str(ckpt), sha
+    elif local:
         ckpt = check_checkpoint_dir(resolved, name)
         metadata = read_checkpoint_metadata(ckpt)
         source, target, rev = "local", str(ckpt), checkpoint_fingerprint(ckpt)
@@ -290,7 +424,8 @@ def load_model(
                 f"first (e.g. `huggingface-cli download {resolved}` with network access) or pass "
                 "a checkpoint directory"
             )
-    logger.info("loading %s from %s on %s as %s", name, target, device_str, torch_dtype)
+    placement = device_str or f"device_map={device_map!r}, n_devices={n_devices}"
+    logger.info("loading %s from %s on %s as %s", name, target, placement, torch_dtype)
     hf_model = None
     if random_init:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -298,9 +433,14 @@ def load_model(
         torch.manual_seed(seed)
         hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target, revision=revision))
         hf_model.to(device=device_str, dtype=torch_dtype)
+    placement_kwargs: dict[str, Any] = {}
+    if dispatched:
+        placement_kwargs = {"device_map": device_map, "n_devices": n_devices, "max_memory": max_memory,
+                            "offload_folder": None if offload_folder is None else str(offload_folder)}
     try:
         model = TransformerBridge.boot_transformers(
-            target, device=device_str, dtype=torch_dtype, revision=revision, hf_model=hf_model
+            target, device=device_str, dtype=torch_dtype, revision=revision, hf_model=hf_model,
+            **placement_kwargs,
         )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         raise ModelLoadError(
@@ -310,22 +450,31 @@ def load_model(
     model.eval()
     setup_tokenizer_for_batching(model)
     if compatibility_mode:
-        model.enable_compatibility_mode(disable_warnings=True)
+        try:
+            model.enable_compatibility_mode(disable_warnings=True)
+        except (ValueError, RuntimeError, NotImplementedError) as e:
+            raise ModelLoadError(
+                f"model {name!r}: compatibility mode failed ({e}); load it without "
+                "compatibility_mode, or on one device without device_map offload"
+            ) from e
     if source == "hub":
         rev = getattr(model.original_model.config, "_commit_hash", None) or rev
     prompt_format = metadata.get("prompt_format")
     if random_init:
         name, rev = f"{name} (random init, seed {seed})", f"random-init-{seed}-of-{rev}"
+    realised_map = getattr(model.original_model, "hf_device_map", None)
     model.boxprobe_info = ModelInfo(
         name=name,
         source=source,
-        path_or_id=target,
+        path_or_id=str(gguf_file) if gguf_file is not None else target,
         revision=rev,
         weight_mode="compatibility" if compatibility_mode else "raw",
         prompt_format=str(prompt_format) if prompt_format is not None else None,
-        device=device_str,
+        device=str(model.cfg.device) if dispatched else device_str,
         dtype=str(torch_dtype).removeprefix("torch."),
         metadata=metadata,
+        device_map={k: str(v) for k, v in realised_map.items()} if realised_map else None,
+        n_devices=int(getattr(model.cfg, "n_devices", 1) or 1),
     )
     return model
 
@@ -339,6 +488,24 @@ def model_label(model: TransformerBridge) -> str:
     """A short human-readable name for messages: the name it was loaded by, else cfg.model_name."""
     info = model_info(model)
     return info.name if info is not None else str(getattr(model.cfg, "model_name", "model"))
+
+
+def model_id(model: TransformerBridge) -> str:
+    """A stable, file-name-safe identity of a loaded model: its name plus a short revision.
+
+    Hub models (by registry name or hub id alike) give ``org--name@<commit>``, local checkpoints
+    ``<dir name>@<content hash>`` (so two directories of the same name but different weights
+    differ), GGUF files ``<file stem>@<sha256>``, random-init baselines
+    ``<name>@random-init-<seed>-of-<hash>``.
+    Raises ValueError for a bridge not loaded by `load_model`, which has no recorded revision.
+    """
+    info = model_info(model)
+    if info is None:
+        raise ValueError(
+            f"model {model_label(model)!r} was not loaded with boxprobe's load_model, so its "
+            "revision is unknown; load it with boxprobe.models.loading.load_model"
+        )
+    return info.model_id
 
 
 def model_context_length(model: TransformerBridge) -> int:
