@@ -4,10 +4,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
+import boxprobe.probing.experiment as experiment_mod
 from boxprobe.config import ConfigError
+from boxprobe.data.queries import prepare, resolve_spec
+from boxprobe.models.loading import load_model
 from boxprobe.report.dashboard import dashboard_from_run
 from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
-from boxprobe.data.task import TaskConfig, generate_dataset
+from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 from helpers import make_toy_checkpoint
 
 
@@ -20,7 +23,7 @@ def toy_pair(tmp_path_factory):
     return dirs, str(data["test-subsample"]), root
 
 
-def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
+def test_probe_experiment_writes_tidy_results_and_plots(toy_pair, monkeypatch):
     dirs, data, root = toy_pair
     cfg = ProbeExperimentConfig(models=tuple(dirs), data=data, out_dir=str(root / "run"), targets=("contents", "prior_1"),
                                 Cs=(0.1, 1.0), n_boot=50, causal_check_layer=1)
@@ -32,14 +35,16 @@ def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
     assert set(nt.layer) == {0, 1} and nt.value.between(0, 1).all()
     assert (nt.ci_low <= nt.value + 1e-9).all() and (nt.value <= nt.ci_high + 1e-9).all()
     assert {"exact_set", "full"} <= set(acc.metric)
-    assert set(run.model_difference.model_a) == {"toy-b"} and set(run.model_difference.model_b) == {"toy-a"}
+    a, b = sorted(set(acc.model))
+    assert a.startswith("toy-a@") and b.startswith("toy-b@")  # name plus content hash, never the bare dir name
+    assert set(run.model_difference.model_a) == {b} and set(run.model_difference.model_b) == {a}
     assert len(run.selectivity) == 2 * 2 * 2  # models x probes x layers
     for name in ("probe_accuracy.csv", "probe_heatmap.csv", "selectivity.csv", "model_difference.csv"):
         assert (root / "run" / name).exists()
     causal = pd.read_csv(root / "run" / "causal_check.csv")
-    assert set(causal.condition) == {"none", "probe", "random"} and set(causal.model) == {"toy-a", "toy-b"}
+    assert set(causal.condition) == {"none", "probe", "random"} and set(causal.model) == {a, b}
     assert isinstance(run.plot_probe_accuracy(), go.Figure)
-    assert isinstance(run.plot_heatmap("toy-a"), go.Figure)
+    assert isinstance(run.plot_heatmap(a), go.Figure)
     assert isinstance(run.plot_difference(), go.Figure)
     html = dashboard_from_run(root / "run")
     assert html.read_text().count("plotly-graph-div") >= 4
@@ -47,6 +52,15 @@ def test_probe_experiment_writes_tidy_results_and_plots(toy_pair):
     # A second run reuses the caches (same request) and gives the same numbers.
     again = ProbeExperiment(cfg).run()
     assert again.probe_accuracy.equals(run.probe_accuracy)
+
+    # Loaded models and prepared query sets stand in for the names: only the random-init twin is loaded.
+    models = [load_model(d, device="cpu") for d in dirs]
+    queries = [prepare(m, read_examples(data), resolve_spec(m, format="per-box")) for m in models]
+    loads = []
+    real = experiment_mod.load_model
+    monkeypatch.setattr(experiment_mod, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    given = ProbeExperiment(cfg, models=models, queries=queries).run()
+    assert len(loads) == 1 and given.probe_accuracy.equals(run.probe_accuracy)
 
 
 def test_probe_experiment_config_rejects_typos():
@@ -95,7 +109,8 @@ def test_global_state_targets_run_with_block_baselines(toy_pair):
     from boxprobe.activations.cache import open_cache
     from boxprobe.data.task import load_vocabulary
 
-    meta = open_cache(root / "run_global" / "cache" / "toy-a").metadata("query_last").reset_index(drop=True)
+    (cache_dir,) = (root / "run_global" / "cache").glob("toy-a@*")
+    meta = open_cache(cache_dir).metadata("query_last").reset_index(drop=True)
     target = _global_target(meta, load_vocabulary("objects"))
     train, _, test = split_by_group(target.groups, cfg.split, seed=cfg.seed)
     expected = majority_state_baseline(target.Y[train], target.Y[test], target.mask[train], target.mask[test],

@@ -600,12 +600,3 @@ def check_same_family(
             "other; pick a pair from the same family (see boxprobe.registry.MODEL_PAIRS). "
             "Differences:\n  - " + "\n  - ".join(diffs)
         )
-
-
-
-def model_id(model: TransformerBridge) -> str:
-    """The model's name plus a short revision or content hash: what results are keyed by."""
-    info = model_info(model)
-    if info is None:
-        return str(getattr(model.cfg, "model_name", "model"))
-    return f"{info.name}@{info.revision[:12]}" if info.revision else info.name

@@ -294,8 +294,8 @@ class ProbeExperiment:
         roles = tuple(dict.fromkeys(("query_last", *(r for t in cfg.targets for r in _TARGET_ROLES.get(t, ())))))
         cache_cfg = CacheConfig(hooks=(cfg.hook,), roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                 layers=cfg.layers)
-        safe = re.sub(r"[^\w.-]+", "_", label)
-        reader = build_cache(model, queries, self.out / "cache" / safe, cache_cfg, data_hash=file_sha256(cfg.data))
+        # Model ids are file-name safe and differ between checkpoints that share a directory name.
+        reader = build_cache(model, queries, self.out / "cache" / label, cache_cfg, data_hash=file_sha256(cfg.data))
         X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
         return meta, X, [it.query.examples[0].context for it in queries], reader, queries
