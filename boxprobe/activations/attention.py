@@ -38,6 +38,7 @@ from boxprobe.report import plots
 from boxprobe.models.loading import model_context_length, model_label
 from boxprobe.data.positions import batch_position_table
 from boxprobe.data.prompts import Query
+from boxprobe.errors import ArgumentError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def role_indicator(position_sets: Sequence[Mapping[str, Iterable[int]]], roles: 
         for r, role in enumerate(roles):
             pos = sorted(set(sets.get(role, ())))
             if pos and not 0 <= min(pos) <= max(pos) < n_keys:
-                raise ValueError(f"Item {b}, role {role!r}: positions {pos} fall outside the {n_keys} key positions.")
+                raise ArgumentError(f"Item {b}, role {role!r}: positions {pos} fall outside the {n_keys} key positions.")
             ind[b, r, pos] = 1.0
     return ind.to(device)
 
@@ -118,7 +119,7 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
     batch, width = tokens.shape
     qpos = torch.as_tensor(query_pos, dtype=torch.long, device=device)
     if qpos.shape != (batch,) or bool((qpos < 0).any() or (qpos >= width).any()):
-        raise ValueError(f"query_pos must hold one position in 0..{width - 1} per item, got {qpos.tolist()}.")
+        raise ArgumentError(f"query_pos must hold one position in 0..{width - 1} per item, got {qpos.tolist()}.")
     n_layers = int(model.cfg.n_layers)
     items = torch.arange(batch, device=device)
     out: list[torch.Tensor | None] = [None] * n_layers
@@ -135,7 +136,7 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
         model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, return_type=None)
     missing = [l for l, o in enumerate(out) if o is None]
     if missing:
-        raise RuntimeError(f"attn.hook_pattern of layer(s) {missing} never fired in model {model_label(model)!r}; "
+        raise ArgumentError(f"attn.hook_pattern of layer(s) {missing} never fired in model {model_label(model)!r}; "
                            "this architecture's attention may not expose its pattern.")
     return torch.stack(out, dim=1)  # type: ignore[arg-type]
 
@@ -143,17 +144,17 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
 def _encode_batch(model, queries: Sequence[Query], start: int):
     tok = model.tokenizer
     if tok is None or tok.pad_token_id is None:
-        raise ValueError(f"Model {model_label(model)!r} needs a tokenizer with a pad token to batch prompts; "
+        raise ArgumentError(f"Model {model_label(model)!r} needs a tokenizer with a pad token to batch prompts; "
                          "load it with boxprobe.models.load_model, which sets one.")
     enc = tok([q.prompt for q in queries], padding=True, padding_side="left", return_tensors="pt")
     table = batch_position_table(queries, tok, padding_side="left")
     width, n_ctx = enc["input_ids"].shape[1], model_context_length(model)
     if width > n_ctx:
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: a prompt of {width} tokens exceeds model "
+        raise ArgumentError(f"Queries {start}..{start + len(queries) - 1}: a prompt of {width} tokens exceeds model "
                          f"{model_label(model)!r}'s context n_ctx={n_ctx}; use a template with fewer demonstrations.")
     items, pos = torch.tensor(table["item"].to_numpy()), torch.tensor(table["padded_index"].to_numpy())
     if not bool(enc["attention_mask"][items, pos].all()):
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: role positions fall on padding; the "
+        raise ArgumentError(f"Queries {start}..{start + len(queries) - 1}: role positions fall on padding; the "
                          "tokenizer's padded ids disagree with its offset mappings.")
     return enc["input_ids"], enc["attention_mask"], table
 
@@ -167,9 +168,9 @@ def attention_to_roles(model, queries: Sequence[Query], *, batch_size: int = 16,
     Prompts are left-padded in batches of ``batch_size`` with the padding masked out.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     if not queries:
-        raise ValueError("No queries to measure attention on.")
+        raise ArgumentError("No queries to measure attention on.")
     roles = roles_for(by_mention)
     masses, counts, meta = [], [], []
     for start in tqdm(range(0, len(queries), batch_size), desc="attention", unit="batch", disable=not progress):
@@ -220,7 +221,7 @@ def aggregate_attention(raw: pd.DataFrame, by_numops: bool = True, value: str = 
     """
     missing = [c for c in ["model", *HEAD_KEYS, "numops", value] if c not in raw.columns]
     if missing:
-        raise ValueError(f"aggregate_attention: missing column(s) {', '.join(missing)}; "
+        raise DataError(f"aggregate_attention: missing column(s) {', '.join(missing)}; "
                          "pass the frame of attention_to_roles.")
     keys = ["model", *HEAD_KEYS]
     parts = [_mean_ci(raw, keys, value, z).assign(numops="all")]
@@ -248,7 +249,7 @@ def rank_heads(df: pd.DataFrame, role: str = "queried_box_label", top_k: int = 1
     agg = _numops_rows(_aggregated(df), numops)
     agg = agg[agg["role"].astype(str) == role]
     if agg.empty:
-        raise ValueError(f"rank_heads: no rows for role {role!r} and numops {numops!r}; roles present: "
+        raise DataError(f"rank_heads: no rows for role {role!r} and numops {numops!r}; roles present: "
                          f"{sorted(df['role'].astype(str).unique())}.")
     top = (agg.sort_values(["model", "mean", "layer", "head"], ascending=[True, False, True, True])
            .groupby("model", sort=False).head(top_k).copy())
@@ -275,7 +276,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         keys = QUERY_KEYS + HEAD_KEYS
         for d, n in ((a, names[0]), (b, names[1])):
             if d.duplicated(keys).any():
-                raise ValueError(f"compare_heads: model {n!r} has several rows per (sample_id, num_operations, box, "
+                raise DataError(f"compare_heads: model {n!r} has several rows per (sample_id, num_operations, box, "
                                  "layer, head, role); pass the frame of one attention_to_roles run.")
         both = a.assign(role=a["role"].astype(str))[keys + ["mass"]].merge(
             b.assign(role=b["role"].astype(str))[keys + ["mass"]], on=keys, suffixes=("_a", "_b"))
@@ -291,7 +292,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         out = both[HEAD_KEYS].assign(diff=diff, ci_low=diff - width, ci_high=diff + width,
                                      n=np.minimum(both["n_a"], both["n_b"]))
     if out.empty:
-        raise ValueError(f"compare_heads: models {names[0]!r} and {names[1]!r} share no (query,) layer, head and role"
+        raise DataError(f"compare_heads: models {names[0]!r} and {names[1]!r} share no (query,) layer, head and role"
                          f"{f' for role {role!r}' if role else ''}; measure both on the same queries.")
     return out.assign(paired=paired, model_a=names[0], model_b=names[1]).reset_index(drop=True)
 
@@ -316,7 +317,7 @@ def example_attention_figure(model, query: Query, layer: int | None = None, head
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     for name, value, limit in (("layer", layer, n_layers), ("head", head, n_heads)):
         if value is not None and not 0 <= value < limit:
-            raise ValueError(f"{name}={value} is out of range: model {model_label(model)!r} has {limit} {name}s "
+            raise ArgumentError(f"{name}={value} is out of range: model {model_label(model)!r} has {limit} {name}s "
                              f"(0..{limit - 1}).")
     tokens, mask, table = _encode_batch(model, [query], 0)
     qpos = int(table.loc[table["role"] == "query_last", "padded_index"].iloc[0])

@@ -37,6 +37,7 @@ from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.labels import query_labels
 from boxprobe.data.positions import ROLES, batch_position_table
 from boxprobe.data.prompts import FORMATS, Query
+from boxprobe.errors import ArgumentError, BoxprobeError, DataError, MissingFileError, MissingKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks",
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(BoxprobeError, ValueError):
     """An existing cache directory was made for another model, dataset or setting."""
 
 
@@ -154,7 +155,7 @@ def queries_sha256(queries: Sequence[Query]) -> str:
 def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
             shape: tuple[int, int], name: str) -> torch.Tensor:
     if act.dim() < 2 or tuple(act.shape[:2]) != shape:
-        raise ValueError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
+        raise ConfigError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
                          "it cannot be cached per position. Pick a hook on the residual stream or per-head outputs.")
     return act[batch_idx, pos_idx]
 
@@ -187,7 +188,7 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
         model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask, return_type=None)
     if len(fired) != total:
         never = sorted({n for g in groups for n in g.hooks} - fired)
-        raise RuntimeError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
+        raise ConfigError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
                            "they may need enabling (e.g. model.set_use_attn_result(True)).")
     return {name: buf.cpu() for name, buf in buffers.items()}
 
@@ -200,7 +201,7 @@ def _batch(tokenizer, queries: Sequence[Query], start: int, roles: Sequence[str]
     table = table.iloc[table["role"].map({r: i for i, r in enumerate(roles)}).argsort(kind="stable")]
     items, pos = torch.tensor(table["item"].to_numpy()), torch.tensor(table["padded_index"].to_numpy())
     if len(table) and not bool(enc["attention_mask"][items, pos].all()):
-        raise ValueError(f"Queries {start}..{start + len(queries) - 1}: token positions fall on padding; the "
+        raise ArgumentError(f"Queries {start}..{start + len(queries) - 1}: token positions fall on padding; the "
                          "tokenizer's padded ids disagree with its offset mappings.")
     labels = pd.DataFrame([query_labels(q) for q in queries]).iloc[table["item"].to_numpy()].reset_index(drop=True)
     table = table.drop(columns=["char_start", "char_end", "padded_index"]).reset_index(drop=True)
@@ -265,7 +266,7 @@ def build_cache(model, queries: Sequence[Query], out_dir: str | Path, cfg: Cache
     request = _manifest_request(model, queries, cfg, groups, data_hash)
     path, tok = out / MANIFEST, model.tokenizer
     if tok is None or tok.pad_token_id is None:
-        raise ValueError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
+        raise ArgumentError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
                          "load it with boxprobe.models.load_model, which sets one.")
     if path.exists():
         old = json.loads(path.read_text())
@@ -344,7 +345,7 @@ class CacheReader:
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.exists():
-            raise FileNotFoundError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
+            raise MissingFileError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
         self.manifest: dict = json.loads(path.read_text())
         self.shards = [k for k in self.manifest["completed_shards"] if _shard_paths(self.directory, k)[0].exists()]
         self.groups = {name: HookGroup(name, tuple(g["hooks"]), tuple(g["layers"]))
@@ -360,15 +361,15 @@ class CacheReader:
 
     def _key(self, hook: str, role: str) -> tuple[str, int | None]:
         if not self.shards:
-            raise ValueError(f"Cache {self.directory} has no complete shard yet; run build_cache to fill it.")
+            raise DataError(f"Cache {self.directory} has no complete shard yet; run build_cache to fill it.")
         key, layer = _split_name(hook)
         if key not in self.groups:
-            raise KeyError(f"Hook {hook!r} is not in cache {self.directory}; cached: {', '.join(self.groups)}.")
+            raise MissingKeyError(f"Hook {hook!r} is not in cache {self.directory}; cached: {', '.join(self.groups)}.")
         if role not in self.roles:
-            raise KeyError(f"Role {role!r} is not in cache {self.directory}; cached: {', '.join(self.roles)}.")
+            raise MissingKeyError(f"Role {role!r} is not in cache {self.directory}; cached: {', '.join(self.roles)}.")
         explicit = re.fullmatch(r"blocks\.\d+\..+", hook) is not None
         if explicit and layer not in self.groups[key].layers:
-            raise KeyError(f"Layer {layer} of {key!r} is not in cache {self.directory}; "
+            raise MissingKeyError(f"Layer {layer} of {key!r} is not in cache {self.directory}; "
                            f"layers: {self.groups[key].layers}.")
         return key, self.groups[key].layers.index(layer) if explicit else None
 

@@ -62,6 +62,7 @@ from boxprobe.models.loading import load_model, model_context_length, model_info
 from boxprobe.data.prompts import PromptTemplate, build_queries, load_template
 from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
 from boxprobe.data.task import OPERATION_KINDS, Example, read_examples
+from boxprobe.errors import BoxprobeError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 Method = Literal["fast", "generate", "both"]
@@ -69,7 +70,7 @@ METHODS = ("fast", "generate", "both")
 NUMOPS_KEYS = range(8)
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(BoxprobeError, ValueError):
     """A prompt plus its answer does not fit the model's context; ``example`` is the offending one."""
 
     def __init__(self, message: str, example: Example):
@@ -220,9 +221,9 @@ def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template:
     """
     check_choice("method", method, METHODS)
     if batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}.")
+        raise ConfigError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}.")
     if not examples:
-        raise ValueError("No examples to evaluate.")
+        raise DataError("No examples to evaluate.")
     template, prompt_format = _settings(model, template, prompt_format)
     tok, label, n_ctx = model.tokenizer, model_label(model), model_context_length(model)
     items = encode_queries(model, build_queries(examples, template, prompt_format, tok, chat)[:limit])

@@ -23,6 +23,7 @@ import pandas as pd
 
 from boxprobe.data.prompts import Query
 from boxprobe.data.task import ALT_BOX_NAMES
+from boxprobe.errors import ArgumentError, BoxprobeError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _OPERATIONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), k) for p
 ))
 
 
-class PositionError(ValueError):
+class PositionError(BoxprobeError, ValueError):
     """A prompt in which an expected mention or token cannot be found."""
 
 
@@ -138,7 +139,7 @@ def parse_description(context: str) -> list[Mention]:
 
 def _encode(tokenizer, prompts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"Token positions need a fast tokenizer (offset mappings); {type(tokenizer).__name__} of "
+        raise PositionError(f"Token positions need a fast tokenizer (offset mappings); {type(tokenizer).__name__} of "
                         f"{getattr(tokenizer, 'name_or_path', '?')!r} is not one. Load it with use_fast=True.")
     enc = tokenizer(prompts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=False)
     return [(list(ids), np.asarray(offs, dtype=np.int64).reshape(-1, 2), np.asarray(special, dtype=bool))
@@ -239,7 +240,7 @@ def position_table(query: Query, tokenizer) -> pd.DataFrame:
 def batch_position_table(queries: Sequence[Query], tokenizer, padding_side: str = "left") -> pd.DataFrame:
     """Position tables of a batch, with ``item`` and ``padded_index`` for padding to the longest prompt."""
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     encoded = _encode(tokenizer, [q.prompt for q in queries])
     width = max((len(ids) for ids, _, _ in encoded), default=0)
     rows, items, shifts = [], [], []
@@ -260,11 +261,11 @@ def positions_of(table: pd.DataFrame, role: str, **filters) -> pd.DataFrame:
     For example ``positions_of(t, "box_mention", box=3, mention=["move_src", "move_dest"])``.
     """
     if role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
+        raise ConfigError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
     keep = table["role"] == role
     for col, value in filters.items():
         if col not in table.columns:
-            raise ValueError(f"Unknown column {col!r} to filter on; columns are {', '.join(table.columns)}.")
+            raise ArgumentError(f"Unknown column {col!r} to filter on; columns are {', '.join(table.columns)}.")
         values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
         keep &= table[col].isin(values)
     return table[keep]

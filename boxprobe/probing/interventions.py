@@ -32,6 +32,7 @@ from boxprobe.models.loading import model_label
 from boxprobe.data.positions import ROLES, batch_position_table
 from boxprobe.probing.metrics import inlp_directions, nullspace_projection, random_directions_like
 from boxprobe.data.prompts import Query
+from boxprobe.errors import ArgumentError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 Directions = Float[torch.Tensor, "k d_model"] | Float[np.ndarray, "k d_model"]
@@ -51,26 +52,26 @@ class _Prepared:
 def _hook_name(model, layer: int, hook: str) -> str:
     n_layers = int(model.cfg.n_layers)
     if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range for model {model_label(model)} with {n_layers} layers.")
+        raise ArgumentError(f"layer {layer} is out of range for model {model_label(model)} with {n_layers} layers.")
     name = f"blocks.{layer % n_layers}.hook_{hook.removeprefix('hook_')}"
     if hook.removeprefix("hook_") not in ("resid_post", "resid_pre", "resid_mid") or name not in model.hook_dict:
-        raise ValueError(f"hook {hook!r} is not a residual-stream hook of model {model_label(model)}; "
+        raise ConfigError(f"hook {hook!r} is not a residual-stream hook of model {model_label(model)}; "
                          "use 'resid_post' or 'resid_pre'.")
     return name
 
 
 def _prepare(model, queries: Sequence[Query], objects: Sequence[str], role: str | None) -> list[_Prepared]:
     if len(objects) != len(queries):
-        raise ValueError(f"objects has {len(objects)} entries but there are {len(queries)} queries; give one "
+        raise ArgumentError(f"objects has {len(objects)} entries but there are {len(queries)} queries; give one "
                          "object (in that query's gold answer) per query.")
     if role is not None and role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}, or None for every position.")
+        raise ConfigError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}, or None for every position.")
     items = encode_queries(model, queries)
     where = []
     for i, (q, obj) in enumerate(zip(queries, objects)):
         m = re.search(rf"\b{re.escape(obj)}\b", q.continuation)
         if m is None:
-            raise ValueError(f"query {i}: object {obj!r} is not in its gold answer {q.continuation!r}; pass an object "
+            raise ArgumentError(f"query {i}: object {obj!r} is not in its gold answer {q.continuation!r}; pass an object "
                              "of the queried box (the probe's target) for every query.")
         where.append(q.prompt + q.continuation[:m.start()].rstrip())  # BPE tokens carry their leading space
     cuts = tokenize_texts(model, where)
@@ -81,14 +82,14 @@ def _prepare(model, queries: Sequence[Query], objects: Sequence[str], role: str 
         j = len(cut) - len(it.prompt)
         first = model.tokenizer.decode([it.gold[j]]).strip() if 0 <= j < len(it.gold) else ""
         if cut != (it.prompt + it.gold)[:len(cut)] or not first or not obj.startswith(first):
-            raise ValueError(f"query {i}: cannot locate {obj!r} as whole tokens in the answer "
+            raise ArgumentError(f"query {i}: cannot locate {obj!r} as whole tokens in the answer "
                              f"{it.query.continuation!r} with the tokenizer of {model_label(model)}.")
         positions = None
         if table is not None:
             shift = len(it.prompt) - len(raw[i])  # evaluate's BOS rule vs the plain tokenizer's
             positions = (table.loc[(table["item"] == i) & (table["role"] == role), "token_index"] + shift).tolist()
             if not positions:
-                raise ValueError(f"query {i}: no token with role {role!r} in its prompt.")
+                raise ArgumentError(f"query {i}: no token with role {role!r} in its prompt.")
         out.append(_Prepared(it.prompt, it.gold, j, positions))
     return out
 
@@ -144,7 +145,7 @@ def _as_projection(model, directions) -> tuple[torch.Tensor, np.ndarray]:
     D = D.reshape(-1, D.shape[-1]) if D.ndim else D
     d_model = int(model.cfg.d_model)
     if D.ndim != 2 or D.shape[1] != d_model:
-        raise ValueError(f"directions must be shaped [k, d_model={d_model}] for model {model_label(model)}, "
+        raise ArgumentError(f"directions must be shaped [k, d_model={d_model}] for model {model_label(model)}, "
                          f"got {tuple(D.shape)}.")
     return nullspace_projection(D).to(model.cfg.device), D.numpy()
 
@@ -162,7 +163,7 @@ def ablate_directions(model, queries: Sequence[Query], directions: Directions, *
     argmax), answer_exact (every gold token the argmax), object_index (the object's token in the answer).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     name = _hook_name(model, layer, hook)
     P, _ = _as_projection(model, directions)
     df = _measure(model, _prepare(model, queries, objects, role), P, name, batch_size)
@@ -234,6 +235,6 @@ def object_directions_from_cache(reader, obj: str, layer: int, hook: str = "resi
         keep &= meta["mentioned"].map(lambda m: obj in m).to_numpy()
     y = meta["gold"].map(lambda g: obj in g).to_numpy()[keep]
     if len(np.unique(y)) < 2:
-        raise ValueError(f"Cache {reader.directory}: object {obj!r} is {'always' if y.any() else 'never'} in the "
+        raise DataError(f"Cache {reader.directory}: object {obj!r} is {'always' if y.any() else 'never'} in the "
                          f"queried box among the {int(keep.sum())} rows used; pick another object or more data.")
     return inlp_directions(X[keep], y, n_directions, C=C)
