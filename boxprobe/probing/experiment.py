@@ -35,7 +35,7 @@ import plotly.graph_objects as go
 
 from boxprobe.report import plots
 from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
-from boxprobe.config import check_choice, from_dict
+from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.probing.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
 from boxprobe.data.labels import states_from_context
 from boxprobe.models.loading import load_model, model_info
@@ -110,7 +110,9 @@ class ProbeExperimentConfig:
             check_choice("target", target, TARGETS)
         check_choice("random_init", self.random_init, ("first", "all", "none"))
         if not self.models:
-            raise ValueError("ProbeExperimentConfig needs at least one model.")
+            raise ConfigError("ProbeExperimentConfig needs at least one model.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 (or null for every query), got {self.limit}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProbeExperimentConfig":
