@@ -1,11 +1,19 @@
 """The ``boxprobe`` command line: thin wrappers over the Python API.
 
     boxprobe generate --out DIR [--seed 2255] [--num-samples 2200] [--num-operations 12] [--variant ...]
-    boxprobe eval --model NAME_OR_PATH --data FILE --out DIR [--format per-box|all-boxes] [--limit N] ...
+    boxprobe eval --model NAME_OR_PATH --data FILE --out DIR [--format per-box|all-boxes] [--limit N] [--chat] ...
     boxprobe probe CONFIG.yaml [--out DIR]
     boxprobe demo [--out DIR] [--models M ...] [--stages ...]
     boxprobe dashboard RUN_DIR
     boxprobe convert PATH.gguf --out DIR
+
+A failure is one line on stderr, ``boxprobe: error: <message>``, and a non-zero exit status: 2 for bad
+input or state (a :class:`~boxprobe.errors.BoxprobeError`, as for argument errors), 1 for an operating
+system error (a missing file, a full disk) or an unexpected exception, 130 for Ctrl-C. ``--debug`` also
+prints the traceback.
+
+Start-up imports only the standard library and :mod:`boxprobe.errors`, so ``--help`` and argument errors
+answer at once; each handler imports what it needs (torch, transformers, pandas...) when it runs.
 """
 
 from __future__ import annotations
@@ -13,9 +21,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
+from boxprobe.errors import BoxprobeError
+
 VARIANTS = ("alt-forms", "disjoint-vocab", "numops-split", "move-contents", "seq2seq")
+# boxprobe.pipeline.demo.STAGES, repeated here because importing the demo imports torch (a test keeps them equal).
+DEMO_STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
+EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+_MAX_MESSAGE = 500
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -31,7 +46,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     paths = generate_dataset(cfg, args.out)
     for name, path in paths.items():
-        n = sum(1 for _ in path.open())
+        with path.open() as f:
+            n = sum(1 for _ in f)
         print(f"{name:16s} {n:7d} examples  {path}")
     return 0
 
@@ -41,7 +57,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
-        device=args.device, dtype=args.dtype, config=EvalConfig(batch_size=args.batch_size, method=args.method))
+        device=args.device, dtype=args.dtype, chat=args.chat or None,
+        config=EvalConfig(batch_size=args.batch_size, method=args.method))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -98,12 +115,28 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError here into "invalid _positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+_positive_int.__name__ = "int"  # argparse names the type in its message: "invalid int value: 'x'"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxprobe", description="Entity tracking interpretability on the boxes task.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
+    # The same flags after the subcommand (boxprobe eval ... --debug); SUPPRESS keeps an absent one from
+    # overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="write train/dev/test(-subsample) JSONL files of the boxes task")
+    gen = sub.add_parser("generate", parents=[common], help="write train/dev/test(-subsample) JSONL files of the boxes task")
     gen.add_argument("--out", required=True, type=Path, help="output directory")
     gen.add_argument("--seed", type=int, default=2255)
     gen.add_argument("--num-samples", type=int, default=2200, help="number of distinct initial states")
@@ -114,35 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="splits that use the rare vocabulary with --variant disjoint-vocab")
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("eval", help="behavioural accuracy of a model by numops")
+    ev = sub.add_parser("eval", parents=[common], help="behavioural accuracy of a model by numops")
     ev.add_argument("--model", required=True, help="Hugging Face id, registry name or checkpoint directory")
     ev.add_argument("--data", required=True, type=Path, help="boxes JSONL file")
     ev.add_argument("--out", required=True, type=Path, help="output directory")
     ev.add_argument("--format", choices=("per-box", "all-boxes"), default=None,
                     help="prompt format (default: the checkpoint's recorded format, else per-box)")
     ev.add_argument("--template", default=None, help="prompt template name or JSON file (default: the checkpoint's, else default)")
+    ev.add_argument("--chat", action="store_true",
+                    help="wrap each prompt in the tokenizer's chat template (for instruct models)")
     ev.add_argument("--method", choices=("fast", "generate", "both"), default="fast",
                     help="fast: one teacher-forced pass per query (exact match); generate: greedy decoding")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=_positive_int, default=16)
     ev.set_defaults(func=_eval)
 
-    pr = sub.add_parser("probe", help="run a probe experiment from a YAML config")
+    pr = sub.add_parser("probe", parents=[common], help="run a probe experiment from a YAML config")
     pr.add_argument("config", type=Path, help="YAML file of ProbeExperimentConfig fields (see experiments/)")
     pr.add_argument("--out", type=Path, default=None, help="override the config's out_dir")
     pr.set_defaults(func=_probe)
 
-    from boxprobe.pipeline.demo import STAGES
-
-    de = sub.add_parser("demo", help="every analysis stage on the bundled toy models, with a dashboard")
+    de = sub.add_parser("demo", parents=[common], help="every analysis stage on the bundled toy models, with a dashboard")
     de.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     de.add_argument("--models", nargs="+", default=None, help="models instead of the bundled toy models")
-    de.add_argument("--stages", nargs="+", choices=STAGES, default=None)
+    de.add_argument("--stages", nargs="+", choices=DEMO_STAGES, default=None)
     de.set_defaults(func=_demo)
 
-    da = sub.add_parser("dashboard", help="write RUN_DIR/dashboard.html from a run directory")
+    da = sub.add_parser("dashboard", parents=[common], help="write RUN_DIR/dashboard.html from a run directory")
     da.add_argument("run_dir", type=Path)
     da.set_defaults(func=_dashboard)
 
@@ -154,15 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    text = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def error_message(err: BaseException) -> tuple[str, int]:
+    """The one-line message and exit status for an exception that ended a command."""
+    if isinstance(err, BoxprobeError):
+        return _one_line(str(err)), EXIT_INPUT
+    if isinstance(err, OSError) and err.strerror:
+        # "No space left on device: runs/x/cache.safetensors" rather than "[Errno 28] No space ...: '...'"
+        where = "".join(f"{sep}{name}" for sep, name in ((": ", err.filename), (" -> ", err.filename2)) if name)
+        return _one_line(f"{err.strerror}{where}"), EXIT_UNEXPECTED
+    kind = type(err).__qualname__
+    module = type(err).__module__
+    if module not in ("builtins", "__main__"):
+        kind = f"{module}.{kind}"
+    text = str(err)
+    return _one_line(f"unexpected {kind}{': ' + text if text else ''} (run with --debug for the traceback)"), \
+        EXIT_UNEXPECTED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"boxprobe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("boxprobe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        if args.debug:
+            traceback.print_exc()
+        message, status = error_message(err)
+        print(f"boxprobe: error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

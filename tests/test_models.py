@@ -169,6 +169,20 @@ def test_device_and_dtype_defaults():
         resolve_device("gpu0")
 
 
+def test_cuda_device_without_cuda_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ModelLoadError, match="CUDA is not available on this machine"):
+            resolve_device(device)
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ModelLoadError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
 # ---------------------------------------------------------------------------- errors
 
 

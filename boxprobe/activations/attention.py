@@ -37,11 +37,11 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from boxprobe.report import plots
 from boxprobe.behaviour.decoding import pad_rows
-from boxprobe.config import ConfigError
 from boxprobe.data.positions import ROLES as POSITION_ROLES
 from boxprobe.data.prompts import Query
 from boxprobe.data.queries import QuerySet
 from boxprobe.models.loading import model_id, model_label
+from boxprobe.errors import ArgumentError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def role_indicator(position_sets: Sequence[Mapping[str, Iterable[int]]], roles: 
         for r, role in enumerate(roles):
             pos = sorted(set(sets.get(role, ())))
             if pos and not 0 <= min(pos) <= max(pos) < n_keys:
-                raise ValueError(f"Item {b}, role {role!r}: positions {pos} fall outside the {n_keys} key positions.")
+                raise ArgumentError(f"Item {b}, role {role!r}: positions {pos} fall outside the {n_keys} key positions.")
             ind[b, r, pos] = 1.0
     return ind.to(device)
 
@@ -122,7 +122,7 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
     batch, width = tokens.shape
     qpos = torch.as_tensor(query_pos, dtype=torch.long, device=device)
     if qpos.shape != (batch,) or bool((qpos < 0).any() or (qpos >= width).any()):
-        raise ValueError(f"query_pos must hold one position in 0..{width - 1} per item, got {qpos.tolist()}.")
+        raise ArgumentError(f"query_pos must hold one position in 0..{width - 1} per item, got {qpos.tolist()}.")
     n_layers = int(model.cfg.n_layers)
     items = torch.arange(batch, device=device)
     out: list[torch.Tensor | None] = [None] * n_layers
@@ -139,7 +139,7 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
         model.run_with_hooks(tokens, fwd_hooks=hooks, attention_mask=attention_mask, return_type=None)
     missing = [l for l, o in enumerate(out) if o is None]
     if missing:
-        raise RuntimeError(f"attn.hook_pattern of layer(s) {missing} never fired in model {model_label(model)!r}; "
+        raise ArgumentError(f"attn.hook_pattern of layer(s) {missing} never fired in model {model_label(model)!r}; "
                            "this architecture's attention may not expose its pattern.")
     return torch.stack(out, dim=1)  # type: ignore[arg-type]
 
@@ -235,7 +235,7 @@ def aggregate_attention(raw: pd.DataFrame, by_numops: bool = True, value: str = 
     """
     missing = [c for c in ["model", *HEAD_KEYS, "numops", value] if c not in raw.columns]
     if missing:
-        raise ValueError(f"aggregate_attention: missing column(s) {', '.join(missing)}; "
+        raise DataError(f"aggregate_attention: missing column(s) {', '.join(missing)}; "
                          "pass the frame of attention_to_roles.")
     keys = ["model", *HEAD_KEYS]
     parts = [_mean_ci(raw, keys, value, z).assign(numops="all")]
@@ -263,7 +263,7 @@ def rank_heads(df: pd.DataFrame, role: str = "queried_box_label", top_k: int = 1
     agg = _numops_rows(_aggregated(df), numops)
     agg = agg[agg["role"].astype(str) == role]
     if agg.empty:
-        raise ValueError(f"rank_heads: no rows for role {role!r} and numops {numops!r}; roles present: "
+        raise DataError(f"rank_heads: no rows for role {role!r} and numops {numops!r}; roles present: "
                          f"{sorted(df['role'].astype(str).unique())}.")
     top = (agg.sort_values(["model", "mean", "layer", "head"], ascending=[True, False, True, True])
            .groupby("model", sort=False).head(top_k).copy())
@@ -290,7 +290,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         keys = QUERY_KEYS + HEAD_KEYS
         for d, n in ((a, names[0]), (b, names[1])):
             if d.duplicated(keys).any():
-                raise ValueError(f"compare_heads: model {n!r} has several rows per (sample_id, num_operations, box, "
+                raise DataError(f"compare_heads: model {n!r} has several rows per (sample_id, num_operations, box, "
                                  "layer, head, role); pass the frame of one attention_to_roles run.")
         both = a.assign(role=a["role"].astype(str))[keys + ["mass"]].merge(
             b.assign(role=b["role"].astype(str))[keys + ["mass"]], on=keys, suffixes=("_a", "_b"))
@@ -306,7 +306,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         out = both[HEAD_KEYS].assign(diff=diff, ci_low=diff - width, ci_high=diff + width,
                                      n=np.minimum(both["n_a"], both["n_b"]))
     if out.empty:
-        raise ValueError(f"compare_heads: models {names[0]!r} and {names[1]!r} share no (query,) layer, head and role"
+        raise DataError(f"compare_heads: models {names[0]!r} and {names[1]!r} share no (query,) layer, head and role"
                          f"{f' for role {role!r}' if role else ''}; measure both on the same queries.")
     return out.assign(paired=paired, model_a=names[0], model_b=names[1]).reset_index(drop=True)
 
@@ -331,7 +331,7 @@ def example_attention_figure(model, queries: QuerySet, index: int = 0, layer: in
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     for name, value, limit in (("layer", layer, n_layers), ("head", head, n_heads)):
         if value is not None and not 0 <= value < limit:
-            raise ValueError(f"{name}={value} is out of range: model {model_label(model)!r} has {limit} {name}s "
+            raise ArgumentError(f"{name}={value} is out of range: model {model_label(model)!r} has {limit} {name}s "
                              f"(0..{limit - 1}).")
     query = queries[index].query
     tokens, mask, table = _padded_batch(queries, index, index + 1, model.tokenizer.pad_token_id, model.cfg.device)

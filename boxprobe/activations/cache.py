@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
-from boxprobe.config import ConfigError, check_choice, from_dict
-from boxprobe.errors import BoxprobeError
 from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows
+from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
+from boxprobe.errors import ArgumentError, BoxprobeError, DataError, MissingFileError, MissingKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def queries_sha256(queries: QuerySet) -> str:
 def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
             shape: tuple[int, int], name: str) -> torch.Tensor:
     if act.dim() < 2 or tuple(act.shape[:2]) != shape:
-        raise ValueError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
+        raise ConfigError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
                          "it cannot be cached per position. Pick a hook on the residual stream or per-head outputs.")
     return act[batch_idx, pos_idx]
 
@@ -204,7 +204,7 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
                                    return_type=extra.pop("return_type", None), **extra)
     if len(fired) != total:
         never = sorted({n for g in groups for n in g.hooks} - fired)
-        raise RuntimeError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
+        raise ConfigError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
                            "they may need enabling (e.g. model.set_use_attn_result(True)).")
     buffers = {name: buf.cpu() for name, buf in buffers.items()}
     return (buffers, out[1]) if keep_cache else buffers
@@ -358,7 +358,7 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     request = _manifest_request(model, queries, cfg, groups, data_hash)
     path, tok = out / MANIFEST, model.tokenizer
     if tok is None or tok.pad_token_id is None:
-        raise ValueError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
+        raise ArgumentError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
                          "load it with boxprobe.models.load_model, which sets one.")
     if path.exists():
         old = json.loads(path.read_text())
@@ -438,7 +438,7 @@ class CacheReader:
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.exists():
-            raise FileNotFoundError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
+            raise MissingFileError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
         self.manifest: dict = json.loads(path.read_text())
         self.shards = [k for k in self.manifest["completed_shards"] if _shard_paths(self.directory, k)[0].exists()]
         self.groups = {name: HookGroup(name, tuple(g["hooks"]), tuple(g["layers"]))
@@ -454,15 +454,15 @@ class CacheReader:
 
     def _key(self, hook: str, role: str) -> tuple[str, int | None]:
         if not self.shards:
-            raise ValueError(f"Cache {self.directory} has no complete shard yet; run build_cache to fill it.")
+            raise DataError(f"Cache {self.directory} has no complete shard yet; run build_cache to fill it.")
         key, layer = _split_name(hook)
         if key not in self.groups:
-            raise KeyError(f"Hook {hook!r} is not in cache {self.directory}; cached: {', '.join(self.groups)}.")
+            raise MissingKeyError(f"Hook {hook!r} is not in cache {self.directory}; cached: {', '.join(self.groups)}.")
         if role not in self.roles:
-            raise KeyError(f"Role {role!r} is not in cache {self.directory}; cached: {', '.join(self.roles)}.")
+            raise MissingKeyError(f"Role {role!r} is not in cache {self.directory}; cached: {', '.join(self.roles)}.")
         explicit = re.fullmatch(r"blocks\.\d+\..+", hook) is not None
         if explicit and layer not in self.groups[key].layers:
-            raise KeyError(f"Layer {layer} of {key!r} is not in cache {self.directory}; "
+            raise MissingKeyError(f"Layer {layer} of {key!r} is not in cache {self.directory}; "
                            f"layers: {self.groups[key].layers}.")
         return key, self.groups[key].layers.index(layer) if explicit else None
 

@@ -16,6 +16,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from boxprobe.errors import DataError, MissingKeyError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -81,7 +83,7 @@ def contents_match(prediction: str | None, gold: str) -> bool:
     """
     gold_set = parse_contents(gold)
     if gold_set is None:
-        raise ValueError(
+        raise DataError(
             f"Gold content string {gold!r} could not be parsed; expected e.g. 'the apple and the ball' "
             "or 'nothing'. Check the gold column of your data.")
     return parse_contents(prediction) == gold_set
@@ -146,12 +148,12 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def _require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise KeyError(f"{what} needs columns {missing}, but the DataFrame has {list(df.columns)}.")
+        raise MissingKeyError(f"{what} needs columns {missing}, but the DataFrame has {list(df.columns)}.")
 
 
 def _correct_column(df: pd.DataFrame) -> pd.Series:
     if df["correct"].isna().any():
-        raise ValueError("Column 'correct' holds missing values; score every row (True/False) first.")
+        raise DataError("Column 'correct' holds missing values; score every row (True/False) first.")
     return df["correct"].astype(bool)
 
 
@@ -204,7 +206,7 @@ def precision_recall(prediction: str | frozenset[str] | None,
     pred = parse_contents(prediction) if isinstance(prediction, str) or prediction is None else prediction
     gold_set = parse_contents(gold) if isinstance(gold, str) else gold
     if gold_set is None:
-        raise ValueError(f"Gold content string {gold!r} could not be parsed; expected e.g. 'the apple' or 'nothing'.")
+        raise DataError(f"Gold content string {gold!r} could not be parsed; expected e.g. 'the apple' or 'nothing'.")
     if pred is None:
         return (0.0, 0.0)
     if not pred and not gold_set:
@@ -228,7 +230,7 @@ def random_baseline_probability(mentioned: Iterable[str], gold: Iterable[str]) -
     """
     mentioned, gold = set(mentioned), set(gold)
     if not gold <= mentioned:
-        raise ValueError(f"Gold objects {sorted(gold - mentioned)} are not among the mentioned objects "
+        raise DataError(f"Gold objects {sorted(gold - mentioned)} are not among the mentioned objects "
                          f"{sorted(mentioned)}; the baseline assumes gold ⊆ mentioned.")
     return 2.0 ** -len(mentioned)
 
@@ -245,7 +247,7 @@ def random_baseline_by_numops(df: pd.DataFrame, numops_values: Iterable[int] | N
     elif "mentioned" in df.columns:
         sizes = df["mentioned"].map(lambda objs: len(set(objs)))
     else:
-        raise KeyError("random_baseline_by_numops needs a column 'n_mentioned' or 'mentioned', "
+        raise MissingKeyError("random_baseline_by_numops needs a column 'n_mentioned' or 'mentioned', "
                        f"but the DataFrame has {list(df.columns)}.")
     _require_columns(df, ("numops",), "random_baseline_by_numops")
     prob = np.power(2.0, -sizes.to_numpy(dtype=float))

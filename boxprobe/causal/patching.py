@@ -55,6 +55,7 @@ from boxprobe.models.loading import check_same_family, model_label
 from boxprobe.data.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
     Metric, PairBatch, answer_accuracy, attach_baselines, build_pairs, collate_pairs, logit_diff,
     normalised_logit_diff, with_baselines)
+from boxprobe.errors import ArgumentError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def path_patch(model, batch: PairBatch, senders: Mapping[str, Heads] | Literal["
         check_choice("component", c, ("q", "k", "v"))
     kv = getattr(model.cfg, "n_key_value_heads", None)
     if kv not in (None, model.cfg.n_heads) and set(components) - {"q"}:
-        raise ValueError(f"{model_label(model)} shares keys and values between query heads (n_key_value_heads="
+        raise ConfigError(f"{model_label(model)} shares keys and values between query heads (n_key_value_heads="
                          f"{kv}, n_heads={model.cfg.n_heads}); per-head K/V path patching is undefined. "
                          "Use components=('q',).")
     if senders == "each":
@@ -371,7 +372,7 @@ def path_patch(model, batch: PairBatch, senders: Mapping[str, Heads] | Literal["
     batch, target, source, tgt, differs = _prepare(model, batch, names, direction)
     where = _position_sites(batch, receiver_positions)
     if len(where) != 1:
-        raise ValueError(f"receiver_positions takes one position spec, got {receiver_positions!r}.")
+        raise ArgumentError(f"receiver_positions takes one position spec, got {receiver_positions!r}.")
     (_, pos), = where
     with torch.inference_mode():
         z_diff = {n: source[n] - tgt[n] for n in names}

@@ -13,6 +13,7 @@ from functools import lru_cache
 from boxprobe.data.positions import LABEL_RE, label_box, parse_description
 from boxprobe.data.prompts import Query
 from boxprobe.data.task import Operation, State, apply_operation
+from boxprobe.errors import DataError
 
 
 def states_from_context(context: str) -> list[State]:
@@ -55,7 +56,7 @@ def query_labels(query: Query) -> dict:
     state = states[-1]
     gold = sorted(re.findall(r"\bthe (\w+)", ex.gold))
     if gold != list(state[box]):
-        raise ValueError(f"sample_id {ex.sample_id}: the gold answer {ex.gold!r} of box {box} disagrees with the state "
+        raise DataError(f"sample_id {ex.sample_id}: the gold answer {ex.gold!r} of box {box} disagrees with the state "
                          f"replayed from its description ({list(state[box])}); the data file is inconsistent.")
     row = {"sample_id": ex.sample_id, "query_box": box, "numops": ex.numops,
            "num_operations": ex.num_operations if ex.num_operations is not None else len(states) - 1,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -48,6 +47,7 @@ from boxprobe.data.positions import (LABEL_RE, PositionError, encode_with_offset
 from boxprobe.data.prompts import Query, build_query
 from boxprobe.data.queries import PromptSpec, QuerySet
 from boxprobe.data.task import ALT_BOX_NAMES, MASK, Example, load_vocabulary, render_objects
+from boxprobe.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class PairBatch:
         if isinstance(spec, (int, np.integer)):
             index = int(spec) + self.n_pos if spec < 0 else int(spec)
             if not 0 <= index < self.n_pos:
-                raise ValueError(f"position {spec} is outside the batch's {self.n_pos} positions.")
+                raise ArgumentError(f"position {spec} is outside the batch's {self.n_pos} positions.")
             return torch.full((len(self),), index, dtype=torch.long, device=device)
         check_choice("position", spec, POSITION_SPECS)
         out = []
@@ -354,7 +354,7 @@ class PairBatch:
 def collate_pairs(pairs: Sequence[Pair], pad_id: int, device: str | torch.device = "cpu") -> PairBatch:
     """Left-pad the pairs' clean and corrupt ids to the longest pair; the mask is None without padding."""
     if not pairs:
-        raise ValueError("No pairs to collate; build_pairs kept none (see its PairStats).")
+        raise DataError("No pairs to collate; build_pairs kept none (see its PairStats).")
     width = max(len(p.clean_ids) for p in pairs)
     clean = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     corrupt, mask = clean.clone(), torch.zeros_like(clean)
@@ -384,7 +384,7 @@ def normalised_logit_diff(logits: Float[torch.Tensor, "batch pos d_vocab"],
     Uses the batch means of the unpatched runs (``with_baselines``), so no pair divides by a near-zero
     difference of its own."""
     if batch.clean_logit_diff is None or batch.corrupt_logit_diff is None:
-        raise ValueError("normalised_logit_diff needs the unpatched baselines; pass the batch through "
+        raise ArgumentError("normalised_logit_diff needs the unpatched baselines; pass the batch through "
                          "with_baselines(model, batch) first (the patching functions do).")
     clean, corrupt = batch.clean_logit_diff.mean(), batch.corrupt_logit_diff.mean()
     return (logit_diff(logits, batch) - corrupt) / (clean - corrupt)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from boxprobe.data.prompts import Query
 from boxprobe.data.task import ALT_BOX_NAMES
+from boxprobe.errors import ArgumentError, BoxprobeError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _OPERATIONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), k) for p
 ))
 
 
-class PositionError(ValueError):
+class PositionError(BoxprobeError, ValueError):
     """A prompt in which an expected mention or token cannot be found."""
 
 
@@ -140,7 +141,7 @@ def encode_with_offsets(tokenizer, texts: Sequence[str],
                         add_special_tokens: bool = True) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
     """Ids, character offsets and special-token mask of each text, tokenised as the tokenizer itself does."""
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"Token positions need a fast tokenizer (offset mappings); {type(tokenizer).__name__} of "
+        raise PositionError(f"Token positions need a fast tokenizer (offset mappings); {type(tokenizer).__name__} of "
                         f"{getattr(tokenizer, 'name_or_path', '?')!r} is not one. Load it with use_fast=True.")
     enc = tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True, padding=False,
                     add_special_tokens=add_special_tokens)
@@ -267,11 +268,11 @@ def positions_of(table: pd.DataFrame, role: str, **filters) -> pd.DataFrame:
     For example ``positions_of(t, "box_mention", box=3, mention=["move_src", "move_dest"])``.
     """
     if role not in ROLES:
-        raise ValueError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
+        raise ConfigError(f"Unknown role {role!r}; roles are {', '.join(ROLES)}.")
     keep = table["role"] == role
     for col, value in filters.items():
         if col not in table.columns:
-            raise ValueError(f"Unknown column {col!r} to filter on; columns are {', '.join(table.columns)}.")
+            raise ArgumentError(f"Unknown column {col!r} to filter on; columns are {', '.join(table.columns)}.")
         values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
         keep &= table[col].isin(values)
     return table[keep]

@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.task import DATA_DIR, Example
+from boxprobe.errors import ArgumentError, MissingFileError
 
 PromptFormat = Literal["per-box", "all-boxes"]
 FORMATS = ("per-box", "all-boxes")
@@ -76,7 +77,7 @@ def load_template(name_or_path: str | Path = "default") -> PromptTemplate:
             raise ConfigError(f"No bundled prompt template {name_or_path!r}; bundled: {', '.join(bundled)}, "
                               "or pass the path of a JSON template file.")
     if not path.exists():
-        raise FileNotFoundError(f"No prompt template file at {path}.")
+        raise MissingFileError(f"No prompt template file at {path}.")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -109,11 +110,11 @@ def build_query(examples: Sequence[Example], template: PromptTemplate, fmt: Prom
     if fmt == "all-boxes":
         examples = sorted(examples, key=lambda e: e.box if e.box is not None else 0)
         if any(e.state_key != first.state_key for e in examples):
-            raise ValueError("An all-boxes query needs the examples of one state (same sample_id and num_operations).")
+            raise ArgumentError("An all-boxes query needs the examples of one state (same sample_id and num_operations).")
         rest = "".join(f", {e.statement_prefix} {e.answer_text}" for e in examples[1:])
         continuation = f" {examples[0].answer_text}{rest}."
     elif len(examples) != 1:
-        raise ValueError(f"A per-box query answers one example, got {len(examples)}.")
+        raise ArgumentError(f"A per-box query answers one example, got {len(examples)}.")
     else:
         continuation = f" {first.answer_text}."
     blocks = [template.instruction] if template.instruction else []
@@ -125,7 +126,7 @@ def build_query(examples: Sequence[Example], template: PromptTemplate, fmt: Prom
     statement = f"{template.statement_prefix}{examples[0].statement_prefix}"
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat=True needs a tokenizer with a chat template; this one has none.")
+            raise ConfigError("chat=True needs a tokenizer with a chat template; this one has none.")
         head = tokenizer.apply_chat_template([{"role": "user", "content": head.rstrip()}],
                                              tokenize=False, add_generation_prompt=True)
     return Query(prompt=head + statement, continuation=continuation, examples=tuple(examples), prompt_format=fmt)

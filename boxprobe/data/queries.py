@@ -36,8 +36,7 @@ import pandas as pd
 from boxprobe.data.positions import ROLES, PositionError, encode_with_offsets, frame_rows, prompt_role_rows
 from boxprobe.data.prompts import FORMATS, PromptFormat, PromptTemplate, Query, build_queries, load_template
 from boxprobe.data.task import Example, read_examples
-from boxprobe.config import ConfigError
-from boxprobe.errors import BoxprobeError
+from boxprobe.errors import BoxprobeError, ConfigError
 
 ANSWER_ROLES: tuple[str, ...] = ("answer_prefix", "answer_object")
 ALL_ROLES: tuple[str, ...] = ROLES + ANSWER_ROLES

@@ -24,7 +24,8 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-from boxprobe.config import check_choice, from_dict
+from boxprobe.config import ConfigError, check_choice, from_dict
+from boxprobe.errors import ArgumentError, DataError, MissingFileError
 
 DATA_DIR = Path(__file__).resolve().parent
 """Package data: ``vocab/`` and ``templates/`` travel inside the wheel."""
@@ -41,7 +42,7 @@ def load_vocabulary(name: str = "objects") -> tuple[str, ...]:
     """The bundled object vocabulary: ``"objects"`` (common nouns) or ``"objects_rare"``."""
     path = DATA_DIR / "vocab" / f"{name}.txt"
     if not path.exists():
-        raise FileNotFoundError(f"No vocabulary {name!r}: expected a word list at {path}.")
+        raise MissingFileError(f"No vocabulary {name!r}: expected a word list at {path}.")
     words = [w.strip() for w in path.read_text().splitlines()]
     return tuple(w for w in words if w and not w.startswith("#"))
 
@@ -78,9 +79,13 @@ class TaskConfig:
         for split in self.disjoint_vocab_splits:
             check_choice("disjoint_vocab_splits", split, SPLITS)
         if not 1 <= self.num_boxes <= len(ALT_BOX_NAMES):
-            raise ValueError(f"num_boxes must be in 1..{len(ALT_BOX_NAMES)}, got {self.num_boxes}")
+            raise ConfigError(f"num_boxes must be in 1..{len(ALT_BOX_NAMES)}, got {self.num_boxes}")
         if self.max_items_per_box < 1 or self.expected_items_per_box < 0:
-            raise ValueError("max_items_per_box must be >= 1 and expected_items_per_box >= 0")
+            raise ConfigError("max_items_per_box must be >= 1 and expected_items_per_box >= 0")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.num_operations < 0:
+            raise ConfigError(f"num_operations must be >= 0, got {self.num_operations}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TaskConfig":
@@ -107,7 +112,7 @@ def apply_operation(state: State, op: Operation) -> State:
     if op.kind in ("move", "remove"):
         missing = [o for o in op.objects if o not in boxes[op.box]]
         if missing:
-            raise ValueError(f"{op} removes {missing}, which are not in box {op.box}")
+            raise ArgumentError(f"{op} removes {missing}, which are not in box {op.box}")
         boxes[op.box] = [o for o in boxes[op.box] if o not in op.objects]
     if op.kind == "move":
         boxes[op.dest] = boxes[op.dest] + list(op.objects)
@@ -179,7 +184,7 @@ def sample_operation(rng: np.random.Generator, state: State, vocab: Sequence[str
         if len(state[dest]) + len(moved) > cfg.max_items_per_box:
             continue
         return Operation("move", moved, box, dest, all_contents=len(moved) == len(contents))
-    raise RuntimeError(f"No valid operation could be drawn from state {state}; check the task config.")
+    raise ConfigError(f"No valid operation could be drawn from state {state}; check the task config.")
 
 
 def sample_sequence(
@@ -212,7 +217,7 @@ def generate_sequences(cfg: TaskConfig) -> list[BoxSequence]:
             seen.add(state)
             initials.append(state)
     else:
-        raise RuntimeError(f"Could not draw {cfg.num_samples} distinct initial states; lower num_samples.")
+        raise ConfigError(f"Could not draw {cfg.num_samples} distinct initial states; lower num_samples.")
 
     signatures = sorted({tuple(len(b) for b in s) for s in initials})
     order = rng.permutation(len(signatures))
@@ -237,7 +242,7 @@ def generate_sequences(cfg: TaskConfig) -> list[BoxSequence]:
 def _translate_state(state: State, source: Sequence[str], target: Sequence[str]) -> State:
     # Map objects by vocabulary rank, so the disjoint split keeps the same state structure.
     if len(target) < len(source):
-        raise ValueError(f"The disjoint vocabulary has {len(target)} words; it needs at least {len(source)}.")
+        raise ConfigError(f"The disjoint vocabulary has {len(target)} words; it needs at least {len(source)}.")
     mapping = dict(zip(source, target))
     return tuple(tuple(sorted(mapping[o] for o in box)) for box in state)
 
@@ -389,7 +394,7 @@ def read_examples(path: str | Path) -> list[Example]:
     """Read a boxes JSONL file; a malformed line or a missing field is an error naming the line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No data file at {path}. Generate one with `boxprobe generate --out DIR`.")
+        raise MissingFileError(f"No data file at {path}. Generate one with `boxprobe generate --out DIR`.")
     examples = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -398,19 +403,19 @@ def read_examples(path: str | Path) -> list[Example]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}.")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}.")
             missing = [k for k in REQUIRED_FIELDS if k not in record]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; "
+                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; "
                                  f"each line needs {', '.join(REQUIRED_FIELDS)}.")
             if MASK not in record["sentence_masked"]:
-                raise ValueError(f"{path}:{lineno}: sentence_masked has no {MASK} mask.")
+                raise DataError(f"{path}:{lineno}: sentence_masked has no {MASK} mask.")
             known = {f.name for f in dataclasses.fields(Example)}
             examples.append(Example(**{k: v for k, v in record.items() if k in known}))
     if not examples:
-        raise ValueError(f"{path} holds no examples (the file is empty).")
+        raise DataError(f"{path} holds no examples (the file is empty).")
     return examples
 
 

@@ -21,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.models.registry import resolve_model_name
+from boxprobe.errors import BoxprobeError
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,11 @@ DEFAULT_PROBE_STRINGS = (
 )
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(BoxprobeError, ValueError):
     """A model or checkpoint could not be found or loaded; the message says what to do."""
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(BoxprobeError, ValueError):
     """Two models differ in a way that makes activations from one meaningless in the other."""
 
 
@@ -120,9 +121,21 @@ def resolve_device(device: str | torch.device | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return str(torch.device(device))
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ModelLoadError(f"invalid device {device!r}: {e}; use e.g. 'cpu' or 'cuda'") from e
+    # Fail here, naming the device, rather than deep inside the first .to(device) with torch's message.
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available on this machine "
+                                 f"(torch {torch.__version__}); use 'cpu', or leave the device unset to pick cuda only when present")
+        if resolved.index is not None and resolved.index >= count:
+            raise ModelLoadError(f"device {device!r} asked for, but this machine has {count} CUDA device(s) "
+                                 f"(cuda:0..cuda:{count - 1})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available on this machine; use 'cpu'")
+    return str(resolved)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:

@@ -15,6 +15,8 @@ from typing import Literal, NamedTuple
 
 import pandas as pd
 
+from boxprobe.errors import ConfigError
+
 PAPER_CITATION = (
     "Kim, Schuster & Toshniwal (2024), 'Code Pretraining Improves Entity Tracking Abilities "
     "of Language Models', arXiv 2405.21068"
@@ -194,7 +196,7 @@ def pairs(comparison: str | None = None) -> list[ModelPair]:
     if comparison is None:
         return list(MODEL_PAIRS)
     if comparison not in COMPARISONS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown comparison {comparison!r}; choose one of {', '.join(COMPARISONS)}"
         )
     return [p for p in MODEL_PAIRS if p.comparison == comparison]

@@ -30,6 +30,7 @@ from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
 from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_id, model_info
 from boxprobe.behaviour.scoring import accuracy_by_numops
 from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
+from boxprobe.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
@@ -129,14 +130,17 @@ def patching_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_pair
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
     """Run the configured stages into ``cfg.out_dir``; returns the dashboard path (or the run dir)."""
+    # Checked before anything is written: from a wheel the bundled models are absent.
+    missing = [Path(m).name for m in cfg.models if str(m).startswith(str(BUNDLED_MODELS_DIR)) and not Path(m).exists()]
+    if missing:
+        raise MissingFileError(
+            f"The bundled toy model(s) {', '.join(missing)} are not in {BUNDLED_MODELS_DIR}: they ship in assets/models "
+            "of the boxprobe source repository, not in the installed package. Run the demo from a clone of the "
+            "repository, or name other models (DemoConfig.models, --models on the command line).")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    missing = [m for m in cfg.models if str(m).startswith(str(BUNDLED_MODELS_DIR)) and not Path(m).exists()]
-    if missing:
-        raise FileNotFoundError(f"Bundled model(s) missing: {', '.join(missing)}. They ship in assets/models of the boxprobe "
-                                "source repository, not in the wheel: clone it and run from there, or pass other models with --models.")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     paths = generate_dataset(TaskConfig(seed=cfg.seed), out / "data", subsample_per_numops=cfg.per_numops)

@@ -27,8 +27,8 @@ import torch
 from jaxtyping import Float
 
 from boxprobe.behaviour.decoding import pad_rows
-from boxprobe.config import ConfigError
 from boxprobe.data.queries import ALL_ROLES, QuerySet
+from boxprobe.errors import ArgumentError, ConfigError, DataError
 from boxprobe.models.loading import model_label
 from boxprobe.probing.metrics import inlp_directions, nullspace_projection, random_directions_like
 
@@ -50,10 +50,10 @@ class _Prepared:
 def _hook_name(model, layer: int, hook: str) -> str:
     n_layers = int(model.cfg.n_layers)
     if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range for model {model_label(model)} with {n_layers} layers.")
+        raise ArgumentError(f"layer {layer} is out of range for model {model_label(model)} with {n_layers} layers.")
     name = f"blocks.{layer % n_layers}.hook_{hook.removeprefix('hook_')}"
     if hook.removeprefix("hook_") not in ("resid_post", "resid_pre", "resid_mid") or name not in model.hook_dict:
-        raise ValueError(f"hook {hook!r} is not a residual-stream hook of model {model_label(model)}; "
+        raise ConfigError(f"hook {hook!r} is not a residual-stream hook of model {model_label(model)}; "
                          "use 'resid_post' or 'resid_pre'.")
     return name
 
@@ -135,7 +135,7 @@ def _as_projection(model, directions) -> tuple[torch.Tensor, np.ndarray]:
     D = D.reshape(-1, D.shape[-1]) if D.ndim else D
     d_model = int(model.cfg.d_model)
     if D.ndim != 2 or D.shape[1] != d_model:
-        raise ValueError(f"directions must be shaped [k, d_model={d_model}] for model {model_label(model)}, "
+        raise ArgumentError(f"directions must be shaped [k, d_model={d_model}] for model {model_label(model)}, "
                          f"got {tuple(D.shape)}.")
     return nullspace_projection(D).to(model.cfg.device), D.numpy()
 
@@ -153,7 +153,7 @@ def ablate_directions(model, queries: QuerySet, directions: Directions, *, layer
     argmax), answer_exact (every gold token the argmax), object_index (the object's token in the answer).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     name = _hook_name(model, layer, hook)
     P, _ = _as_projection(model, directions)
     df = _measure(model, _prepare(model, queries, objects, role), P, name, batch_size)
@@ -225,6 +225,6 @@ def object_directions_from_cache(reader, obj: str, layer: int, hook: str = "resi
         keep &= meta["mentioned"].map(lambda m: obj in m).to_numpy()
     y = meta["gold"].map(lambda g: obj in g).to_numpy()[keep]
     if len(np.unique(y)) < 2:
-        raise ValueError(f"Cache {reader.directory}: object {obj!r} is {'always' if y.any() else 'never'} in the "
+        raise DataError(f"Cache {reader.directory}: object {obj!r} is {'always' if y.any() else 'never'} in the "
                          f"queried box among the {int(keep.sum())} rows used; pick another object or more data.")
     return inlp_directions(X[keep], y, n_directions, C=C)

@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int, Shaped
 
-from boxprobe.probing.probes import Array, LayerwiseLogisticProbe, _to_numpy
+from boxprobe.probing.probes import Array, LayerwiseLogisticProbe, to_numpy
+from boxprobe.errors import ArgumentError, ConfigError, DataError, MissingKeyError
 
 
 def _indicator(sets: Sequence[Iterable[str]], vocabulary: Sequence[str], what: str) -> np.ndarray:
@@ -44,7 +45,7 @@ def _indicator(sets: Sequence[Iterable[str]], vocabulary: Sequence[str], what: s
     for i, objects in enumerate(sets):
         for obj in objects:
             if obj not in index:
-                raise KeyError(
+                raise MissingKeyError(
                     f"{what} item {i}: object {obj!r} is not in the vocabulary of {len(index)} objects; pass the "
                     "vocabulary the data was generated with (boxprobe.task.load_vocabulary)."
                 )
@@ -90,10 +91,10 @@ def contents_metrics(
     ``exact_set``: the whole predicted set equals the true set; ``full``: accuracy over all (item, object)
     cells; ``non_trivial``: accuracy over mentioned cells only. ``numops`` is ``"all"`` or an int.
     """
-    pred = _to_numpy(pred).astype(bool)
-    Y, M, numops = _to_numpy(Y).astype(bool), _to_numpy(mentioned).astype(bool), _to_numpy(numops)
+    pred = to_numpy(pred).astype(bool)
+    Y, M, numops = to_numpy(Y).astype(bool), to_numpy(mentioned).astype(bool), to_numpy(numops)
     if pred.ndim != 3 or pred.shape[0] != Y.shape[0] or pred.shape[2] != Y.shape[1] or M.shape != Y.shape:
-        raise ValueError(f"Shapes disagree: pred {pred.shape}, Y {Y.shape}, mentioned {M.shape} "
+        raise ArgumentError(f"Shapes disagree: pred {pred.shape}, Y {Y.shape}, mentioned {M.shape} "
                          "(expected [n, L, V], [n, V], [n, V]).")
     correct = pred == Y[:, None, :]  # [n, L, V]
     per_item = {
@@ -121,13 +122,13 @@ def split_by_group(
     """(train, val, test) item indices with every group (sample_id) in exactly one split."""
     fractions = np.asarray(fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1):
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}.")
-    codes, uniques = pd.factorize(pd.Series(_to_numpy(groups)), sort=True)
+        raise ConfigError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}.")
+    codes, uniques = pd.factorize(pd.Series(to_numpy(groups)), sort=True)
     n_groups = len(uniques)
     sizes = np.round(fractions * n_groups).astype(int)
     sizes[0] = n_groups - sizes[1:].sum()
     if ((fractions > 0) & (sizes < 1)).any():
-        raise ValueError(f"{n_groups} groups cannot fill splits with fractions {tuple(fractions)}; add samples.")
+        raise DataError(f"{n_groups} groups cannot fill splits with fractions {tuple(fractions)}; add samples.")
     order = np.random.default_rng(seed).permutation(n_groups)
     split_of_group = np.empty(n_groups, dtype=int)
     split_of_group[order] = np.repeat([0, 1, 2], sizes)
@@ -141,10 +142,10 @@ def control_labels(object_types: Sequence[Hashable], labels: Shaped[Array, "n_it
     ``object_types[i]`` is item i's type (e.g. the object name of a (query, object) pair; tuples work);
     returns the control label of every item. The same seed and type set give the same mapping.
     """
-    labels = _to_numpy(labels)
+    labels = to_numpy(labels)
     codes, _ = pd.factorize(pd.Series(list(object_types), dtype=object), sort=True)
     if len(codes) != len(labels):
-        raise ValueError(f"object_types has {len(codes)} items but labels has {len(labels)}.")
+        raise ArgumentError(f"object_types has {len(codes)} items but labels has {len(labels)}.")
     values, counts = np.unique(labels, return_counts=True)
     per_type = np.random.default_rng(seed).choice(values, size=codes.max() + 1, p=counts / counts.sum())
     return per_type[codes]
@@ -161,8 +162,8 @@ def control_contents_labels(
     Each object's control labels are drawn with its base rate among counted (``mask``) cells; see the module
     docstring for why this, not a column permutation, is the control. Use the same ``mask`` when scoring.
     """
-    Y = _to_numpy(Y).astype(bool)
-    M = np.ones_like(Y) if mask is None else _to_numpy(mask).astype(bool)
+    Y = to_numpy(Y).astype(bool)
+    M = np.ones_like(Y) if mask is None else to_numpy(mask).astype(bool)
     codes, _ = pd.factorize(pd.Series(list(query_types), dtype=object), sort=True)
     rate = (Y & M).sum(0) / np.maximum(M.sum(0), 1)  # [V]
     table = np.random.default_rng(seed).random((codes.max() + 1, Y.shape[1])) < rate  # [n_types, V]
@@ -179,7 +180,7 @@ def control_state_labels(
     """Control for the global-state target, whose cells are one-hot blocks of ``n_classes`` per object: a random
     but consistent class per (queried-box type, object), drawn from that object's class distribution over counted
     items. One-hot blocks like ``Y``, so it is scored by argmax like the task."""
-    Y, M = _to_numpy(Y).astype(bool), _to_numpy(mask).astype(bool)
+    Y, M = to_numpy(Y).astype(bool), to_numpy(mask).astype(bool)
     n = len(Y)
     blocks, counted = Y.reshape(n, -1, n_classes), M.reshape(n, -1, n_classes).any(-1)  # [n, O, K], [n, O]
     freq = (blocks & counted[..., None]).sum(0) + 1e-9  # [O, K]
@@ -192,7 +193,7 @@ def control_state_labels(
 
 def selectivity(task_acc: Float[Array, "n_layers"], control_acc: Float[Array, "n_layers"]) -> np.ndarray:
     """Task minus control accuracy per layer (Hewitt & Liang 2019)."""
-    return _to_numpy(task_acc).astype(float) - _to_numpy(control_acc).astype(float)
+    return to_numpy(task_acc).astype(float) - to_numpy(control_acc).astype(float)
 
 
 def majority_baseline(y_train, y_test, mask_train=None, mask_test=None) -> float:
@@ -201,12 +202,12 @@ def majority_baseline(y_train, y_test, mask_train=None, mask_test=None) -> float
     For multi-label [n, V] targets each output predicts its own majority (over ``mask_train`` cells) and the
     accuracy is over ``mask_test`` cells. Ties go to the smallest label.
     """
-    y_train, y_test = _to_numpy(y_train), _to_numpy(y_test)
+    y_train, y_test = to_numpy(y_train), to_numpy(y_test)
     if y_train.ndim == 1:
         values, counts = np.unique(y_train, return_counts=True)
         return float((y_test == values[counts.argmax()]).mean())
-    Mtr = np.ones(y_train.shape, bool) if mask_train is None else _to_numpy(mask_train).astype(bool)
-    Mte = np.ones(y_test.shape, bool) if mask_test is None else _to_numpy(mask_test).astype(bool)
+    Mtr = np.ones(y_train.shape, bool) if mask_train is None else to_numpy(mask_train).astype(bool)
+    Mte = np.ones(y_test.shape, bool) if mask_test is None else to_numpy(mask_test).astype(bool)
     majority = (y_train.astype(bool) & Mtr).sum(0) > (~y_train.astype(bool) & Mtr).sum(0)
     return float(((y_test.astype(bool) == majority) & Mte).sum() / max(Mte.sum(), 1))
 
@@ -218,7 +219,7 @@ def majority_state_baseline(
     """Global-state targets (one-hot blocks of ``n_classes`` per object): accuracy of predicting each object's
     most frequent training class, over the objects counted in the test items. Ties go to the smallest class."""
     def blocks(Y, M):
-        Y, M = _to_numpy(Y).astype(bool), _to_numpy(M).astype(bool)
+        Y, M = to_numpy(Y).astype(bool), to_numpy(M).astype(bool)
         return Y.reshape(len(Y), -1, n_classes), M.reshape(len(M), -1, n_classes).any(-1)
 
     (train, counted_train), (test, counted_test) = blocks(Y_train, mask_train), blocks(Y_test, mask_test)
@@ -237,14 +238,14 @@ def bootstrap_difference(
     with percentile intervals; items of a resampled group all come along, so correlated examples of one
     sample do not shrink the interval.
     """
-    a, b = (np.asarray(_to_numpy(c), dtype=float) for c in (correct_a, correct_b))
+    a, b = (np.asarray(to_numpy(c), dtype=float) for c in (correct_a, correct_b))
     a, b = (c[:, None] if c.ndim == 1 else c for c in (a, b))
     if a.shape != b.shape:
-        raise ValueError(f"correct_a {a.shape} and correct_b {b.shape} differ; for models of different depth "
+        raise ArgumentError(f"correct_a {a.shape} and correct_b {b.shape} differ; for models of different depth "
                          "pick matching layers (e.g. by relative depth) first.")
-    codes, uniques = pd.factorize(pd.Series(_to_numpy(groups)))
+    codes, uniques = pd.factorize(pd.Series(to_numpy(groups)))
     if len(codes) != len(a):
-        raise ValueError(f"groups has {len(codes)} items but the correctness arrays have {len(a)}.")
+        raise ArgumentError(f"groups has {len(codes)} items but the correctness arrays have {len(a)}.")
     sums = np.zeros((len(uniques), a.shape[1]))
     np.add.at(sums, codes, a - b)
     counts = np.bincount(codes, minlength=len(uniques)).astype(float)
@@ -261,7 +262,7 @@ def nullspace_projection(directions: Float[Array, "k d_model"]) -> Float[Array, 
     Rank-deficient or near-parallel directions are fine (SVD with a relative tolerance). Returns the input's
     array type (torch keeps device and dtype; numpy float64 unless the input is another float type).
     """
-    D = torch.as_tensor(_to_numpy(directions), dtype=torch.float64)
+    D = torch.as_tensor(to_numpy(directions), dtype=torch.float64)
     D = D.reshape(-1, D.shape[-1])
     _, s, Vh = torch.linalg.svd(D, full_matrices=False)
     Q = Vh[s > s.max() * max(D.shape) * torch.finfo(torch.float64).eps] if s.numel() else Vh[:0]
@@ -274,7 +275,7 @@ def nullspace_projection(directions: Float[Array, "k d_model"]) -> Float[Array, 
 
 def random_directions_like(directions: Float[Array, "k d_model"], seed: int = 0) -> Float[Array, "k d_model"]:
     """Random Gaussian directions with the same shape and per-row norms: the control for a projection."""
-    D = np.asarray(_to_numpy(directions), dtype=np.float64)
+    D = np.asarray(to_numpy(directions), dtype=np.float64)
     R = np.random.default_rng(seed).standard_normal(D.shape)
     R *= np.linalg.norm(D, axis=-1, keepdims=True) / np.linalg.norm(R, axis=-1, keepdims=True)
     if isinstance(directions, torch.Tensor):
@@ -290,7 +291,7 @@ def inlp_directions(
 
     Returns unit-norm directions; ``nullspace_projection`` of them removes what the probes could decode.
     """
-    X = np.asarray(_to_numpy(X), dtype=np.float64)
+    X = np.asarray(to_numpy(X), dtype=np.float64)
     P, found = np.eye(X.shape[1]), np.zeros((0, X.shape[1]))
     while len(found) < n_directions:
         probe = LayerwiseLogisticProbe(C=C, **probe_params).fit((X @ P)[:, None, :], y)

@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from boxprobe.probing import solver as probe_solver
 from boxprobe.probing.solver import LogisticTargets
+from boxprobe.errors import ArgumentError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +40,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _to_numpy(a) -> np.ndarray:
+def to_numpy(a) -> np.ndarray:
+    """A tensor (any device) or array-like as a NumPy array."""
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def _check_X(X, n_layers: int | None = None) -> Array:
     X = X if isinstance(X, torch.Tensor) else np.asarray(X)
     if X.ndim != 3:
-        raise ValueError(f"X must be shaped [n_items, n_layers, d_model], got shape {tuple(X.shape)}; "
+        raise ArgumentError(f"X must be shaped [n_items, n_layers, d_model], got shape {tuple(X.shape)}; "
                          "for a single layer pass X[:, None, :].")
     if n_layers is not None and X.shape[1] != n_layers:
-        raise ValueError(f"X has {X.shape[1]} layers but the probe was fitted on {n_layers}.")
+        raise ArgumentError(f"X has {X.shape[1]} layers but the probe was fitted on {n_layers}.")
     return X
 
 
@@ -79,18 +81,18 @@ class _LayerwiseBase(BaseEstimator):
     def _torch_setup(self):
         dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as 'float32', got {self.dtype!r}.")
+            raise ConfigError(f"dtype must be a floating torch dtype such as 'float32', got {self.dtype!r}.")
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+            raise ConfigError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
         if self.precondition not in ("auto", "whiten", "diagonal", "none"):
-            raise ValueError(f"precondition must be 'auto', 'whiten', 'diagonal' or 'none', got {self.precondition!r}.")
+            raise ConfigError(f"precondition must be 'auto', 'whiten', 'diagonal' or 'none', got {self.precondition!r}.")
         return torch.device(self.device or default_device()), dtype
 
     def _l2(self, n_layers: int, sw_sum: torch.Tensor) -> torch.Tensor:
         """Penalty strength [L, K, 1] from C (or l2), scalar or per layer, and the weight sums [K] of each output."""
         value = np.broadcast_to(np.asarray(self.C if self.l2 is None else self.l2, dtype=float), (n_layers,))
         if (value <= 0).any() if self.l2 is None else (value < 0).any():
-            raise ValueError(f"C must be positive and l2 non-negative; got C={self.C!r}, l2={self.l2!r}.")
+            raise ConfigError(f"C must be positive and l2 non-negative; got C={self.C!r}, l2={self.l2!r}.")
         value = torch.as_tensor(value.copy(), dtype=sw_sum.dtype, device=sw_sum.device)[:, None, None]
         if self.l2 is not None:
             return value.expand(n_layers, sw_sum.shape[0], 1)
@@ -115,10 +117,10 @@ class _LayerwiseBase(BaseEstimator):
             W, b, n_iter = probe_solver.solve(rotated, prob, self.solver, self.max_iter, self.tol, self.lr)
             W = W / sd  # [L, K, d] coefficients on raw features
             del rotated
-            coefs.append(_to_numpy(W).astype(np.float64))
-            means.append(_to_numpy(mu[:, 0]).astype(np.float64))
-            intercepts.append(_to_numpy(b[..., 0]).astype(np.float64))
-            n_iters.append(_to_numpy(n_iter))
+            coefs.append(to_numpy(W).astype(np.float64))
+            means.append(to_numpy(mu[:, 0]).astype(np.float64))
+            intercepts.append(to_numpy(b[..., 0]).astype(np.float64))
+            n_iters.append(to_numpy(n_iter))
         self.coef_ = np.concatenate(coefs)
         self.mean_ = np.concatenate(means)
         # The solver's intercept is for centred features; the raw-feature intercept subtracts mean . coef.
@@ -140,7 +142,7 @@ class _LayerwiseBase(BaseEstimator):
             Xl = _layer_block(X, sl, device, dtype)
             mu, W, b = (torch.as_tensor(a[sl], device=device, dtype=dtype) for a in (self.mean_, self.coef_, b_centred))
             logits = torch.baddbmm(b[:, None, :], Xl - mu[:, None, :], W.transpose(1, 2))  # [L, n, K]
-            out.append(_to_numpy(logits.transpose(0, 1)).astype(np.float64))
+            out.append(to_numpy(logits.transpose(0, 1)).astype(np.float64))
         return np.concatenate(out, axis=1)
 
 
@@ -168,13 +170,13 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
 
     def fit(self, X: Features, y: Shaped[Array, "n_items"]) -> "LayerwiseLogisticProbe":
         X = _check_X(X)
-        y = _to_numpy(y)
+        y = to_numpy(y)
         if y.shape != (X.shape[0],):
-            raise ValueError(f"y must be shaped [n_items]={X.shape[0]}, got {y.shape}.")
+            raise ArgumentError(f"y must be shaped [n_items]={X.shape[0]}, got {y.shape}.")
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
         if n_classes < 2:
-            raise ValueError(f"y has a single class {self.classes_!r}; a probe needs at least two.")
+            raise DataError(f"y has a single class {self.classes_!r}; a probe needs at least two.")
         device, dtype = self._torch_setup()
         y_t = torch.as_tensor(y_idx, device=device)
         sw = torch.ones(len(y_idx), device=device, dtype=dtype)
@@ -210,7 +212,7 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
 
     def score(self, X: Features, y: Shaped[Array, "n_items"]) -> Float[np.ndarray, "n_layers"]:
         """Accuracy per layer [n_layers]."""
-        return (self.predict(X) == _to_numpy(y)[:, None]).mean(0)
+        return (self.predict(X) == to_numpy(y)[:, None]).mean(0)
 
 
 class LayerwiseMultiLabelProbe(_LayerwiseBase):
@@ -227,12 +229,12 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
     ) -> "LayerwiseMultiLabelProbe":
         X = _check_X(X)
         device, dtype = self._torch_setup()
-        T = torch.as_tensor(_to_numpy(Y).astype(bool), device=device)
+        T = torch.as_tensor(to_numpy(Y).astype(bool), device=device)
         if T.ndim != 2 or T.shape[0] != X.shape[0]:
-            raise ValueError(f"Y must be shaped [n_items={X.shape[0]}, n_outputs], got {tuple(T.shape)}.")
-        M = torch.ones_like(T) if mask is None else torch.as_tensor(_to_numpy(mask).astype(bool), device=device)
+            raise ArgumentError(f"Y must be shaped [n_items={X.shape[0]}, n_outputs], got {tuple(T.shape)}.")
+        M = torch.ones_like(T) if mask is None else torch.as_tensor(to_numpy(mask).astype(bool), device=device)
         if M.shape != T.shape:
-            raise ValueError(f"mask must have Y's shape {tuple(T.shape)}, got {tuple(M.shape)}.")
+            raise ArgumentError(f"mask must have Y's shape {tuple(T.shape)}, got {tuple(M.shape)}.")
         T, M = T.T.to(dtype), M.T.to(dtype)  # [O, n]
         sw = M.clone()
         if self.class_weight == "balanced":
@@ -260,8 +262,8 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
         self, X: Features, Y: Shaped[Array, "n_items n_outputs"], mask: Bool[Array, "n_items n_outputs"] | None = None
     ) -> Float[np.ndarray, "n_layers"]:
         """Mean accuracy over (masked) cells, per layer [n_layers]."""
-        correct = self.predict(X) == _to_numpy(Y).astype(bool)[:, None, :]
-        M = np.ones_like(correct[:, 0]) if mask is None else _to_numpy(mask).astype(bool)
+        correct = self.predict(X) == to_numpy(Y).astype(bool)[:, None, :]
+        M = np.ones_like(correct[:, 0]) if mask is None else to_numpy(mask).astype(bool)
         return (correct * M[:, None, :]).sum((0, 2)) / max(M.sum(), 1)
 
 

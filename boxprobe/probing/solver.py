@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float
 
+from boxprobe.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # mu = DAMPING * l2 / c. 10 was best (30 and 3 close, 1 and 0 worse) on cached toy-model features of 441 and
@@ -85,7 +87,7 @@ def rotate(
         return Rotated(X, None, (X * X).mean(1, keepdim=True))
     if mode == "none":
         return Rotated(X, None, None)
-    raise ValueError(f"precondition must be 'auto', 'whiten', 'diagonal' or 'none', got {mode!r}.")
+    raise ConfigError(f"precondition must be 'auto', 'whiten', 'diagonal' or 'none', got {mode!r}.")
 
 
 @dataclass
@@ -372,7 +374,7 @@ def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol
         elif solver == "adam":
             theta, n_iter, status, g_final = adam(objective, theta, tol, max_iter, lr)
         else:
-            raise ValueError(f"solver must be 'lbfgs' or 'adam', got {solver!r}.")
+            raise ConfigError(f"solver must be 'lbfgs' or 'adam', got {solver!r}.")
     unfinished, floor = status == MAX_ITER, (status == STALLED) & (g_final > tol)
     if unfinished.any():
         logger.warning("Probe solver (%s) left %d of %d problems above tol=%g after max_iter=%d iterations (max "

@@ -39,6 +39,7 @@ from plotly.offline import get_plotlyjs
 
 from boxprobe.report import plots
 from boxprobe.models.registry import PAPER_CITATION
+from boxprobe.errors import DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def write_dashboard(sections: list[Section], path: str | Path, title: str = "box
     """
     path = Path(path)
     if not path.parent.exists():
-        raise FileNotFoundError(f"cannot write dashboard {path}: folder {path.parent} does not exist")
+        raise MissingFileError(f"cannot write dashboard {path}: folder {path.parent} does not exist")
     body, toc, n_fig = [], [], 0
     for i, section in enumerate(sections):
         anchor = _anchor(i, section.title)
@@ -164,13 +165,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable CSV ({err}); re-export it or delete it") from err
+        raise DataError(f"{path}: not a readable CSV ({err}); re-export it or delete it") from err
     missing = [c for c in RUN_FILES[path.name] if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
                          f"{', '.join(RUN_FILES[path.name])} (see boxprobe.report.dashboard docstring)")
     if df.empty:
-        raise ValueError(f"{path}: the file has a header but no rows; delete it or re-run the step")
+        raise DataError(f"{path}: the file has a header but no rows; delete it or re-run the step")
     return df
 
 
@@ -192,7 +193,7 @@ def _figures(run_dir: Path, name: str, build: Callable[[pd.DataFrame], list]) ->
     try:
         return build(df)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise DataError(f"{path}: {err}") from err
 
 
 def _behaviour(df):
@@ -277,9 +278,9 @@ def _run_info(run_dir: Path) -> dict:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise DataError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+        raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
     return info
 
 
@@ -292,7 +293,7 @@ def dashboard_from_run(run_dir: str | Path, path: str | Path | None = None) -> P
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist (or is not a folder); "
+        raise MissingFileError(f"run directory {run_dir} does not exist (or is not a folder); "
                                 "pass the folder an experiment wrote its CSVs to")
     info = _run_info(run_dir)
     sections, models = [], []

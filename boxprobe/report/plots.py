@@ -20,6 +20,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from boxprobe.models.registry import PAPER_CITATION, RANDOM_BASELINE, paper_accuracy_frame
+from boxprobe.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ def _require(df: pd.DataFrame, columns: Iterable[str], where: str) -> None:
         raise TypeError(f"{where} expects a pandas DataFrame, got {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where}: missing column(s) {', '.join(map(repr, missing))}; "
             f"the frame has {', '.join(map(repr, df.columns)) or 'no columns'}"
         )
     if df.empty:
-        raise ValueError(f"{where}: the frame is empty; there is nothing to plot")
+        raise DataError(f"{where}: the frame is empty; there is nothing to plot")
 
 
 def _has_ci(df: pd.DataFrame) -> bool:
@@ -103,7 +104,7 @@ def _unique_pivot(df: pd.DataFrame, index: str, columns: str, value: str, where:
     dup = df.duplicated([index, columns])
     if dup.any():
         row = df[dup].iloc[0]
-        raise ValueError(
+        raise DataError(
             f"{where}: several rows for {index}={row[index]!r}, {columns}={row[columns]!r}; "
             "filter the frame to one model/probe first (or pass model=...)"
         )
@@ -215,7 +216,7 @@ def probe_accuracy_by_layer(df: pd.DataFrame, title: str | None = None) -> go.Fi
     if "metric" in df.columns:
         metrics = df["metric"].dropna().unique()
         if len(metrics) > 1:
-            raise ValueError(f"probe_accuracy_by_layer: several metrics {list(metrics)}; "
+            raise DataError(f"probe_accuracy_by_layer: several metrics {list(metrics)}; "
                              "plot one metric per figure (filter on the 'metric' column)")
         metric = str(metrics[0]) if len(metrics) else metric
     series = ["model", "kind"] + (["probe"] if "probe" in df.columns
@@ -252,10 +253,10 @@ def _heatmap_facets(df: pd.DataFrame, x: str, y: str, value: str, where: str, *,
     """A heatmap per model (subplots when the frame holds several models)."""
     if model is not None:
         if "model" not in df.columns:
-            raise ValueError(f"{where}: model={model!r} given but the frame has no 'model' column")
+            raise DataError(f"{where}: model={model!r} given but the frame has no 'model' column")
         df = df[df["model"].astype(str) == str(model)]
         if df.empty:
-            raise ValueError(f"{where}: no rows for model {model!r}")
+            raise DataError(f"{where}: no rows for model {model!r}")
     models = list(dict.fromkeys(df["model"].astype(str))) if "model" in df.columns else [None]
     n = len(models)
     rows, cols = (n, 1) if stack_rows else (1, n)
@@ -313,7 +314,7 @@ def model_difference(df: pd.DataFrame, model_a: str | None = None, model_b: str 
     _require(df, ["layer", "diff", "ci_low", "ci_high"], "model_difference")
     for arg, col in ((model_a, "model_a"), (model_b, "model_b")):
         if arg is None and col in df.columns and df[col].nunique() > 1:
-            raise ValueError(f"model_difference: several {col} values {list(df[col].unique())}; "
+            raise DataError(f"model_difference: several {col} values {list(df[col].unique())}; "
                              "plot one pair per figure")
     model_a = model_a or (str(df["model_a"].iloc[0]) if "model_a" in df.columns else None)
     model_b = model_b or (str(df["model_b"].iloc[0]) if "model_b" in df.columns else None)
@@ -377,13 +378,13 @@ def attention_example(tokens: list[str], attention, title: str = "Attention",
         attention = attention.detach().float().cpu().numpy()
     att = np.asarray(attention, dtype=float)
     if att.ndim != 2:
-        raise ValueError(f"attention_example: attention must be 2D [rows, pos], got shape {att.shape}")
+        raise ArgumentError(f"attention_example: attention must be 2D [rows, pos], got shape {att.shape}")
     if len(tokens) != att.shape[1]:
-        raise ValueError(f"attention_example: {len(tokens)} tokens but attention has "
+        raise ArgumentError(f"attention_example: {len(tokens)} tokens but attention has "
                          f"{att.shape[1]} positions; pass one token per key position")
     labels = list(row_labels) if row_labels is not None else [f"row {i}" for i in range(len(att))]
     if len(labels) != att.shape[0]:
-        raise ValueError(f"attention_example: {len(labels)} row labels for {att.shape[0]} rows")
+        raise ArgumentError(f"attention_example: {len(labels)} row labels for {att.shape[0]} rows")
     # Numeric x with token tick labels: repeated tokens would otherwise merge into one column.
     pos = list(range(len(tokens)))
     fig = go.Figure(go.Heatmap(
