@@ -4,8 +4,9 @@
 
 Without ``--model`` a randomly initialised toy Llama (d_model 128, 8 heads, d_mlp 512) is used.
 Both sides see the same left-padded batches with their attention mask; the forward side gets them
-pre-tokenized, while the caching side is timed end to end (tokenization, token positions, labels,
-hooks, the copy to the host and the shard files). Rounds alternate which side runs first; the ratio
+pre-tokenized, while the caching side is timed end to end (``prepare``'s tokenization and token
+positions, labels, hooks, the copy to the host and the shard files); it runs each context's shared
+prefix once through the key-value cache, as ``build_cache`` does by default. Rounds alternate which side runs first; the ratio
 is the median over rounds of the wall-clock throughput ratio (process CPU time is printed beside it,
 as it is less sensitive to other load on the machine). The last line is
 ``ratio=<caching/forward throughput> bytes_per_item=<bytes on disk per query>``.
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 
 from boxprobe.activations.cache import CacheConfig, build_cache  # noqa: E402
 from boxprobe.models.loading import load_model  # noqa: E402
-from boxprobe.data.prompts import build_queries, load_template  # noqa: E402
+from boxprobe.data.queries import prepare, resolve_spec  # noqa: E402
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
 from boxprobe.models.toy import ModelShape, save_random_checkpoint  # noqa: E402
 
@@ -37,11 +38,11 @@ def toy_checkpoint(directory: Path, n_layers: int) -> Path:
     return save_random_checkpoint(directory, ModelShape(n_layers=n_layers, d_model=128, n_heads=8, d_mlp=512))
 
 
-def sample_queries(n: int, seed: int):
+def sample_examples(n: int, seed: int):
     cfg = TaskConfig(num_samples=max(4, n // 20), num_operations=12, seed=seed)
     examples = [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg)]
     picks = np.random.default_rng(seed).choice(len(examples), size=min(n, len(examples)), replace=False)
-    return build_queries([examples[i] for i in sorted(picks)], load_template("toy"))
+    return [examples[i] for i in sorted(picks)]
 
 
 def main() -> None:
@@ -59,16 +60,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="cache_speed_"))
     model = load_model(args.model or toy_checkpoint(tmp / "model", args.layers), device=args.device)
-    queries = sample_queries(args.queries, seed=0)
+    examples = sample_examples(args.queries, seed=0)
+    spec = resolve_spec(model, format="per-box")
+    queries = prepare(model, examples, spec)
     n = len(queries)
     cfg = CacheConfig(hooks=("resid_post",), roles=("query_last", "box_mention"), dtype=args.dtype,
-                      batch_size=args.batch_size, shard_size=max(n // 3, args.batch_size), template="toy")
+                      batch_size=args.batch_size, shard_size=max(n // 3, args.batch_size))
     device = next(model.parameters()).device
     # The batches build_cache forms: consecutive slices of batch_size inside each shard.
     batches = []
     for lo in range(0, n, cfg.shard_size):
         for s in range(lo, min(n, lo + cfg.shard_size), cfg.batch_size):
-            enc = model.tokenizer([q.prompt for q in queries[s:min(s + cfg.batch_size, n, lo + cfg.shard_size)]],
+            enc = model.tokenizer([q.prompt for q in queries.queries[s:min(s + cfg.batch_size, n, lo + cfg.shard_size)]],
                                   padding=True, padding_side="left", return_tensors="pt")
             batches.append((enc["input_ids"].to(device), enc["attention_mask"].to(device)))
 
@@ -85,7 +88,7 @@ def main() -> None:
                 model(tokens, attention_mask=mask)
 
     def caching(r: int):
-        return lambda: build_cache(model, queries, tmp / f"cache{r}", cfg, progress=False)
+        return lambda: build_cache(model, prepare(model, examples, spec), tmp / f"cache{r}", cfg, progress=False)
 
     timed(forward), timed(caching(-1))  # warm-up: allocator, kernels, tokenizer caches
     fwd, cache = [], []

@@ -34,6 +34,7 @@ import transformer_lens.patching as tl_patching  # noqa: E402
 
 from boxprobe.models.loading import load_model  # noqa: E402
 from boxprobe.data.pairs import build_pairs, collate_pairs  # noqa: E402
+from boxprobe.data.queries import prepare, resolve_spec  # noqa: E402
 from boxprobe.causal.patching import logit_diff, patch_resid_pre  # noqa: E402
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples  # noqa: E402
 from boxprobe.models.toy import ModelShape, save_random_checkpoint  # noqa: E402
@@ -46,7 +47,7 @@ def random_toy_model(directory: Path) -> Path:
 def equal_length_batch(model, kind: str, n_pairs: int, seed: int):
     cfg = TaskConfig(num_samples=40, num_operations=1, seed=seed)
     examples = [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg) if e.num_operations == 0]
-    pairs, _ = build_pairs(examples, kind, model, seed=seed)
+    pairs, _ = build_pairs(model, prepare(model, examples, resolve_spec(model)), kind, seed=seed)
     length, _ = Counter(len(p.clean_ids) for p in pairs).most_common(1)[0]
     chosen = [p for p in pairs if len(p.clean_ids) == length][:n_pairs]
     return collate_pairs(chosen, model.tokenizer.pad_token_id, device=model.cfg.device)

@@ -101,16 +101,14 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
 def cache_model(model_path: str, per_numops: int, seed: int, directory: Path) -> Path:
     """Cache resid_post at query_last of a checkpoint on a fresh test subsample; returns the cache directory."""
     from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
-    from boxprobe.models.loading import load_model, model_info
-    from boxprobe.data.prompts import build_queries, load_template
+    from boxprobe.data.queries import prepare
+    from boxprobe.models.loading import load_model
     from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 
     data = generate_dataset(TaskConfig(seed=seed), directory / "data", subsample_per_numops=per_numops)
     model = load_model(model_path)
-    info = model_info(model)
-    template = load_template((info.metadata.get("prompt_template") if info else None) or "default")
-    queries = build_queries(read_examples(data["test-subsample"]), template, "per-box")
-    cfg = CacheConfig(template=template.name, batch_size=32)
+    queries = prepare(model, read_examples(data["test-subsample"]))
+    cfg = CacheConfig(batch_size=32)
     build_cache(model, queries, directory / "cache", cfg, data_hash=file_sha256(data["test-subsample"]))
     return directory / "cache"
 

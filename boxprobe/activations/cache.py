@@ -46,6 +46,9 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
             "queries_sha256", "n_queries", "spec", "layers", "shard_size")
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
+# Prefix reuse costs a second pass with a key-value cache; below this fraction of the tokens a plain pass
+# would compute, it pays.
+REUSE_WORTH = 0.7
 
 
 class CacheMismatchError(BoxprobeError, ValueError):
@@ -225,74 +228,76 @@ def _metadata(queries: QuerySet, table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([meta[cols].reset_index(drop=True), labels], axis=1)
 
 
-def _chunks(items: Sequence[EncodedQuery], lengths: Sequence[int], reuse: bool) -> list[tuple[list[int], int]]:
-    """Consecutive items of one context, with the length of the prefix they share (0 without reuse)."""
-    out: list[tuple[list[int], int]] = []
+def _shared_prefixes(items: Sequence[EncodedQuery], lengths: Sequence[int]) -> list[tuple[list[int], int]]:
+    """Runs of two or more consecutive items of one context, with the token prefix they share."""
+    runs: list[list[int]] = []
     for i, it in enumerate(items):
-        if reuse and out and items[out[-1][0][0]].query.examples[0].context == it.query.examples[0].context:
-            out[-1][0].append(i)
+        if runs and items[runs[-1][0]].query.examples[0].context == it.query.examples[0].context:
+            runs[-1].append(i)
         else:
-            out.append(([i], 0))
-    shared = []
-    for members, _ in out:
+            runs.append([i])
+    out = []
+    for members in runs:
         seqs = [items[i].ids[:lengths[i]] for i in members]
         n = min(map(len, seqs)) - 1  # every item keeps at least one token for the suffix pass
         for seq in seqs[1:]:
             n = next((j for j, (a, b) in enumerate(zip(seqs[0][:n], seq)) if a != b), n)
-        shared.append((members, n if reuse and len(members) > 1 else 0))
-    return shared
+        if len(members) > 1 and n > 0:
+            out.append((members, n))
+    return out
 
 
 def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups, store, pad_id: int,
                reuse: bool) -> dict[str, torch.Tensor]:
-    """Activations of ``table``'s rows (``item`` relative to ``items``): each context's shared prefix
-    runs once through the key-value cache, then every query's own suffix; without reuse, one pass."""
+    """Activations of ``table``'s rows (``item`` relative to ``items``).
+
+    Queries whose context others in the batch share run that prefix once through the key-value
+    cache, then each its own short suffix; the rest run in one plain left-padded pass. Keeping the
+    two apart matters: a long unshared prompt in the suffix pass would pad every suffix to its length.
+    """
     device = next(model.parameters()).device
     rel, tok_idx = table["item"].to_numpy(), table["token_index"].to_numpy()
-    lengths = [0] * len(items)
-    for i, t in zip(rel, tok_idx):
-        lengths[i] = max(lengths[i], int(t) + 1)
-    lengths = [n or 1 for n in lengths]
-    chunks = _chunks(items, lengths, reuse)
+    lengths = np.ones(len(items), dtype=np.int64)
+    np.maximum.at(lengths, rel, tok_idx + 1)
+    chunks = _shared_prefixes(items, lengths) if reuse else []
+    saved = sum(n * (len(m) - 1) for m, n in chunks)
+    if saved < (1 - REUSE_WORTH) * lengths.sum():  # too little shared for a second, cached pass to pay
+        chunks = []
     shared = np.zeros(len(items), dtype=np.int64)
-    chunk_of = np.zeros(len(items), dtype=np.int64)
+    chunk_of = np.full(len(items), -1, dtype=np.int64)
     for c, (members, n) in enumerate(chunks):
         shared[members], chunk_of[members] = n, c
-    in_prefix = tok_idx < shared[rel]
     out: dict[str, torch.Tensor] = {}
 
-    def place(acts: dict[str, torch.Tensor], rows: np.ndarray) -> None:
-        for g, a in acts.items():
+    def run(rows: np.ndarray, batch_rows: np.ndarray, positions: np.ndarray, ids, mask, **kw):
+        acts = run_selected(model, ids, mask, torch.from_numpy(batch_rows).to(device),
+                            torch.from_numpy(positions).to(device), groups, store, **kw)
+        for g, a in (acts[0] if isinstance(acts, tuple) else acts).items():
             if g not in out:
                 out[g] = a.new_empty((len(table), *a.shape[1:]))
             out[g][torch.from_numpy(rows)] = a
+        return acts
 
-    cache = None
-    if shared.any():
-        ids, mask = pad_rows([items[m[0]].ids[:n] for m, n in chunks if n] or [[pad_id]], pad_id, "left", device)
-        with_prefix = [c for c, (_, n) in enumerate(chunks) if n]
-        slot = {c: s for s, c in enumerate(with_prefix)}
-        rows = np.flatnonzero(in_prefix)
-        b = np.array([slot[c] for c in chunk_of[rel[rows]]], dtype=np.int64)
-        p = tok_idx[rows] + ids.shape[1] - shared[rel[rows]]  # left padding shifts the prefix right
-        acts, cache = run_selected(model, ids, mask, torch.from_numpy(b).to(device), torch.from_numpy(p).to(device),
-                                   groups, store, keep_cache=True)
-        place(acts, rows)
-        expand = torch.tensor([slot[chunk_of[i]] if shared[i] else 0 for i in range(len(items))], device=device)
-        cache.reorder_cache(expand)
-        prefix_mask = mask[expand] * torch.tensor(shared > 0, device=device)[:, None]
-    rows = np.flatnonzero(~in_prefix)
-    if len(rows):
-        suffixes = [it.ids[s:n] for it, s, n in zip(items, shared, lengths)]
-        ids, mask = pad_rows(suffixes, pad_id, "right" if cache is not None else "left", device)
-        pos = tok_idx[rows] - shared[rel[rows]]
-        if cache is None:
-            pos = pos + ids.shape[1] - np.array([len(suffixes[i]) for i in rel[rows]])
-        else:
-            mask = torch.cat([prefix_mask, mask], 1)
-        acts = run_selected(model, ids, mask, torch.from_numpy(rel[rows]).to(device), torch.from_numpy(pos).to(device),
-                            groups, store, past_key_values=cache)
-        place(acts, rows)
+    plain = np.flatnonzero(chunk_of[rel] < 0)  # rows of queries without a shared prefix
+    if len(plain):
+        members = np.flatnonzero(chunk_of < 0)
+        slot = np.zeros(len(items), dtype=np.int64)
+        slot[members] = np.arange(len(members))
+        ids, mask = pad_rows([items[i].ids[:lengths[i]] for i in members], pad_id, "left", device)
+        run(plain, slot[rel[plain]], tok_idx[plain] + ids.shape[1] - lengths[rel[plain]], ids, mask)
+    if chunks:
+        ids, mask = pad_rows([items[m[0]].ids[:n] for m, n in chunks], pad_id, "left", device)
+        pre = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx < shared[rel]))
+        left = ids.shape[1] - shared[rel[pre]]  # left padding shifts each prefix right
+        _, cache = run(pre, chunk_of[rel[pre]], tok_idx[pre] + left, ids, mask, keep_cache=True)
+        members = np.flatnonzero(chunk_of >= 0)
+        slot = np.zeros(len(items), dtype=np.int64)
+        slot[members] = np.arange(len(members))
+        cache.reorder_cache(torch.from_numpy(chunk_of[members]).to(device))
+        suf_ids, suf_mask = pad_rows([items[i].ids[shared[i]:lengths[i]] for i in members], pad_id, "right", device)
+        suf = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx >= shared[rel]))
+        run(suf, slot[rel[suf]], tok_idx[suf] - shared[rel[suf]], suf_ids,
+            torch.cat([mask[torch.from_numpy(chunk_of[members]).to(device)], suf_mask], 1), past_key_values=cache)
     return out
 
 
