@@ -57,7 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
-        device=args.device, dtype=args.dtype, chat=args.chat or None,
+        device=args.device, dtype=args.dtype, chat=args.chat,
         config=EvalConfig(batch_size=args.batch_size, method=args.method))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", choices=("per-box", "all-boxes"), default=None,
                     help="prompt format (default: the checkpoint's recorded format, else per-box)")
     ev.add_argument("--template", default=None, help="prompt template name or JSON file (default: the checkpoint's, else default)")
-    ev.add_argument("--chat", action="store_true",
-                    help="wrap each prompt in the tokenizer's chat template (for instruct models)")
+    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap each prompt in the tokenizer's chat template, for instruct models (default: as the "
+                         "checkpoint's boxprobe.json records, else no)")
     ev.add_argument("--method", choices=("fast", "generate", "both"), default="fast",
                     help="fast: one teacher-forced pass per query (exact match); generate: greedy decoding")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")

@@ -129,8 +129,10 @@ def test_eval_passes_chat(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(evaluate, "evaluate_file", fake_evaluate_file)
     run_main(capsys, "eval", "--model", "m", "--data", "d.jsonl", "--out", tmp_path, "--chat")
     assert seen["chat"] is True
-    run_main(capsys, "eval", "--model", "m", "--data", "d.jsonl", "--out", tmp_path)
+    run_main(capsys, "eval", "--model", "m", "--data", "d.jsonl", "--out", tmp_path, "--no-chat")
     assert seen["chat"] is False
+    run_main(capsys, "eval", "--model", "m", "--data", "d.jsonl", "--out", tmp_path)
+    assert seen["chat"] is None  # unset: the checkpoint's boxprobe.json decides
 
 
 def test_demo_stages_match_the_pipeline():
