@@ -272,6 +272,31 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def use_checkpoint_tokenizer(model: TransformerBridge, source: str, revision: str | None = None) -> None:
+    """Give the bridge the checkpoint's own tokenizer, with its own start-token rule.
+
+    TransformerBridge 4.3 rebuilds the tokenizer to prepend a start token, which SmolLM2's tokenizer
+    (among others) does not: prompts then differ from the model's own, and chat prompts begin with
+    the start token twice. The checkpoint's tokenizer is installed instead, and TransformerLens'
+    BOS settings follow it, so ``to_tokens`` gives the same ids as ``tokenizer(text)``.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        logger.warning("could not load the checkpoint's own tokenizer from %s (%s); keeping the bridge's", source, err)
+        return
+    if not getattr(own, "is_fast", False):
+        return  # token positions need offset mappings; the bridge's tokenizer stays
+    ids = own("a")["input_ids"]
+    adds_bos = own.bos_token_id is not None and ids[:1] == [own.bos_token_id]
+    # The bridge's tokenizer setter re-runs TransformerLens' setup, which adds the start token back.
+    model._tokenizer = own
+    model.cfg.tokenizer_prepends_bos = adds_bos
+    model.cfg.default_prepend_bos = adds_bos
+
+
 def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
     """Give the tokenizer a pad token (eos, else bos) and pad on the left, so that the last
     position of every row in a padded batch is the prompt's real last token."""
@@ -461,6 +486,7 @@ def load_model(
             f"TransformerBridge.boot_transformers: {e}"
         ) from e
     model.eval()
+    use_checkpoint_tokenizer(model, target, revision)
     setup_tokenizer_for_batching(model)
     if compatibility_mode:
         try:

@@ -255,6 +255,7 @@ class ProbeExperiment:
         examples = read_examples(cfg.data)
         accuracy, heat, correct_by, causal = [], [], {}, []
         self.names: list[str] = []
+        self.layer_of: dict[str, dict[int, int]] = {}
         for i in range(len(cfg.models)):
             with_random = cfg.random_init == "all" or (cfg.random_init == "first" and i == 0)
             for random_init in [False] + ([True] if with_random else []):
@@ -267,8 +268,10 @@ class ProbeExperiment:
                 meta, X, contexts, reader, queries = self._cache(model, examples, cache_name, given)
                 if cfg.causal_check_layer is not None and not random_init:
                     causal.append(self._causal_check(model, reader, queries, label))
+                layer_of = self.layer_of[label] = dict(enumerate(reader.layers(cfg.hook)))  # slot -> layer number
                 for target_name in cfg.targets:
                     acc, hm, correct, groups = self._probe(target_name, meta, X, contexts, label, random_init)
+                    acc["layer"], hm["layer"] = acc["layer"].map(layer_of), hm["layer"].map(layer_of)
                     accuracy.append(acc)
                     heat.append(hm)
                     if not random_init:
@@ -401,6 +404,7 @@ class ProbeExperiment:
                     continue
                 # Same data and split seed: both models are scored on the same test items.
                 diff = bootstrap_difference(a, b, groups, n_boot=cfg.n_boot, seed=cfg.seed)
+                diff["layer"] = diff["layer"].map(self.layer_of[names[0]])
                 frames.append(diff.assign(probe=target_name, model_a=other, model_b=names[0]))
         cols = ["probe", "layer", "diff", "ci_low", "ci_high", "model_a", "model_b"]
         return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.behaviour.evaluate import EvalConfig, evaluate
+from boxprobe.data.queries import prepare
 from boxprobe.models.loading import load_model, model_info
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 
@@ -24,7 +25,7 @@ def test_bundled_checkpoint_loads_and_answers_numops_zero(name, numops_zero_exam
     info = model_info(model)
     assert info.metadata["prompt_template"] == "toy" and info.prompt_format == "per-box"
     assert (MODELS / name / "README.md").exists()
-    result = evaluate(model, numops_zero_examples, method="generate", progress=False)
+    result = evaluate(model, prepare(model, numops_zero_examples), EvalConfig(method="generate", progress=False))
     # Copying a box's initial description is what every bundled model has learnt.
     assert result.frame["correct"].mean() >= 0.8
     assert result.frame["correct"].iloc[0]

@@ -9,7 +9,8 @@ from typing import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from boxprobe.behaviour.evaluate import evaluate
+from boxprobe.behaviour.evaluate import EvalConfig, evaluate
+from boxprobe.data.queries import prepare
 from boxprobe.models.loading import load_model
 from boxprobe.report.plots import behaviour_accuracy
 from boxprobe.behaviour.scoring import accuracy_by_numops
@@ -30,7 +31,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], examples: Sequence[
     """Per-numops accuracy (with 95% intervals) of each checkpoint, as one tidy frame, plus summaries."""
     tables, summaries = [], {}
     for name, path in checkpoints.items():
-        result = evaluate(load_model(path), examples, batch_size=batch_size, progress=progress)
+        model = load_model(path)
+        result = evaluate(model, prepare(model, examples), EvalConfig(batch_size=batch_size, progress=progress))
         summaries[name] = result.summary
         tables.append(accuracy_by_numops(result.frame).assign(model=name))
     return pd.concat(tables, ignore_index=True), summaries
