@@ -187,11 +187,11 @@ def test_attention_to_roles_masses_are_consistent(model, queries, queryset):
     raw = attention_to_roles(model, queryset, quiet(batch_size=4, by_mention=True))
     assert len(raw) == len(queries) * N_LAYERS * N_HEADS * (len(ROLES) + len(MENTION_ROLES))
     main = raw[raw["role"].isin(ROLES)]
-    total = main.groupby(["query", "layer", "head"])["mass"].sum(min_count=1)
+    total = main.groupby(["query", "layer", "head_index"])["mass"].sum(min_count=1)
     assert float(total.max()) <= 1 + 1e-5 and float(total.min()) > 0
-    split = raw[raw["role"].isin(MENTION_ROLES)].groupby(["query", "layer", "head"])["mass"].sum()
+    split = raw[raw["role"].isin(MENTION_ROLES)].groupby(["query", "layer", "head_index"])["mass"].sum()
     np.testing.assert_allclose(split.to_numpy(), main[main["role"] == "queried_box_label"]
-                               .set_index(["query", "layer", "head"])["mass"].loc[split.index].to_numpy(), atol=1e-6)
+                               .set_index(["query", "layer", "head_index"])["mass"].loc[split.index].to_numpy(), atol=1e-6)
     empty = main["n_tokens"] == 0
     assert main.loc[empty, "mass"].isna().all() and main.loc[~empty, "mass"].notna().all()
     np.testing.assert_allclose(main["mean_token"], main["mass"] / main["n_tokens"].where(~empty), rtol=1e-5)
@@ -226,13 +226,13 @@ def test_known_attention_gives_known_masses(model, queries, queryset):
     with model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", make(l)) for l in range(N_LAYERS)]):
         raw = attention_to_roles(model, chosen, quiet(batch_size=len(batch)))
     for (l, h), role in targets.items():
-        d = raw[(raw["layer"] == l) & (raw["head"] == h)]
+        d = raw[(raw["layer"] == l) & (raw["head_index"] == h)]
         np.testing.assert_allclose(d.loc[d["role"] == role, "mass"], 1.0, atol=1e-6)
         np.testing.assert_allclose(d.loc[d["role"] != role, "mass"].fillna(0.0), 0.0, atol=1e-6)
-    free = raw[(raw["layer"] == 0) & (raw["head"] == 0) & (raw["role"] == "queried_box_label")]
+    free = raw[(raw["layer"] == 0) & (raw["head_index"] == 0) & (raw["role"] == "queried_box_label")]
     assert float(free["mass"].max()) < 0.99  # an untouched head is not one-hot by accident
     top = rank_heads(raw, "queried_box_label", top_k=1)
-    assert (top.loc[0, "layer"], top.loc[0, "head"]) == (0, 1) and top.loc[0, "mean"] == pytest.approx(1.0)
+    assert (top.loc[0, "layer"], top.loc[0, "head_index"]) == (0, 1) and top.loc[0, "mean"] == pytest.approx(1.0)
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -243,36 +243,37 @@ def synthetic_raw(model_name="m", offset=0.0):
     for q, (numops, masses) in enumerate([(0, [0.2, 0.4]), (0, [0.4, 0.6]), (1, [0.6, np.nan]), (1, [0.8, 0.2])]):
         for head, mass in enumerate(masses):
             rows.append({"model": model_name, "query": q, "sample_id": q, "num_operations": q, "box": 0,
-                         "numops": numops, "layer": 0, "head": head, "role": "queried_box_label",
+                         "numops": numops, "layer": 0, "head_index": head, "role": "queried_box_label",
                          "mass": mass + offset * (head + 1), "n_tokens": 1})
     return pd.DataFrame(rows)
 
 
 def test_aggregate_attention_means_intervals_and_numops():
     agg = aggregate_attention(synthetic_raw())
-    assert list(agg.columns) == ["model", "layer", "head", "role", "numops", "mean", "ci_low", "ci_high", "n"]
-    row = agg[(agg["head"] == 0) & (agg["numops"] == "all")].iloc[0]
+    assert list(agg.columns) == ["model", "layer", "head_index", "role", "scope", "numops", "mean", "ci_low", "ci_high",
+                                 "n"]
+    row = agg[(agg["head_index"] == 0) & (agg["scope"] == "all")].iloc[0]
     values = np.array([0.2, 0.4, 0.6, 0.8])
     half = 1.96 * values.std(ddof=1) / 2
     assert row["n"] == 4 and row["mean"] == pytest.approx(0.5)
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.5 - half, 0.5 + half))
-    nan_head = agg[(agg["head"] == 1) & (agg["numops"] == 1)].iloc[0]
+    nan_head = agg[(agg["head_index"] == 1) & (agg["numops"] == 1)].iloc[0]
     assert nan_head["n"] == 1 and nan_head["mean"] == pytest.approx(0.2) and math.isnan(nan_head["ci_low"])
-    assert agg[(agg["head"] == 1) & (agg["numops"] == "all")]["n"].item() == 3  # the NaN is left out
-    assert set(aggregate_attention(synthetic_raw(), by_numops=False)["numops"]) == {"all"}
+    assert agg[(agg["head_index"] == 1) & (agg["scope"] == "all")]["n"].item() == 3  # the NaN is left out
+    assert set(aggregate_attention(synthetic_raw(), by_numops=False)["scope"]) == {"all"}
     table = attention_heads_table(agg)
     assert set(RUN_FILES["attention_heads.csv"]) <= set(table.columns)
-    assert not table.duplicated(["model", "layer", "head", "role"]).any() and len(table) == 2
+    assert not table.duplicated(["model", "layer", "head_index", "role"]).any() and len(table) == 2
     with pytest.raises(ValueError, match="missing column"):
         aggregate_attention(synthetic_raw().drop(columns="numops"))
 
 
 def test_rank_heads_orders_by_mean_per_model():
-    raw = pd.concat([synthetic_raw("a"), synthetic_raw("b").assign(head=lambda d: 1 - d["head"])])
+    raw = pd.concat([synthetic_raw("a"), synthetic_raw("b").assign(head_index=lambda d: 1 - d["head_index"])])
     top = rank_heads(raw, "queried_box_label", top_k=1)
-    assert list(top["model"]) == ["a", "b"] and list(top["head"]) == [0, 1] and list(top["rank"]) == [1, 1]
+    assert list(top["model"]) == ["a", "b"] and list(top["head_index"]) == [0, 1] and list(top["rank"]) == [1, 1]
     both = rank_heads(raw, "queried_box_label", top_k=5, numops=0)
-    assert list(both[both["model"] == "a"]["head"]) == [1, 0] and list(both["rank"]) == [1, 2, 1, 2]
+    assert list(both[both["model"] == "a"]["head_index"]) == [1, 0] and list(both["rank"]) == [1, 2, 1, 2]
     with pytest.raises(ValueError, match="no rows for role"):
         rank_heads(raw, "correct_objects")
 
@@ -281,16 +282,16 @@ def test_compare_heads_paired_and_from_aggregates():
     a, b = synthetic_raw("a", offset=0.1), synthetic_raw("b")
     paired = compare_heads(a, b)
     assert paired["paired"].all() and set(paired["model_a"]) == {"a"} and set(paired["model_b"]) == {"b"}
-    head0 = paired[paired["head"] == 0].iloc[0]
+    head0 = paired[paired["head_index"] == 0].iloc[0]
     assert head0["diff"] == pytest.approx(0.1) and head0["ci_low"] == pytest.approx(0.1)  # constant difference
-    assert paired[paired["head"] == 1]["n"].item() == 3
+    assert paired[paired["head_index"] == 1]["n"].item() == 3
     agg = compare_heads(aggregate_attention(a), aggregate_attention(b))
     assert not agg["paired"].any()
-    h0 = agg[agg["head"] == 0].iloc[0]
+    h0 = agg[agg["head_index"] == 0].iloc[0]
     agg_a, agg_b = aggregate_attention(a), aggregate_attention(b)
     width = np.hypot(*[(d.iloc[0]["ci_high"] - d.iloc[0]["ci_low"]) / 2 for d in (agg_a, agg_b)])
     assert h0["diff"] == pytest.approx(0.1) and h0["ci_high"] - h0["diff"] == pytest.approx(width)
-    assert compare_heads(a, b, numops=1)[lambda d: d["head"] == 1]["diff"].item() == pytest.approx(0.2)
+    assert compare_heads(a, b, numops=1)[lambda d: d["head_index"] == 1]["diff"].item() == pytest.approx(0.2)
     with pytest.raises(ValueError, match="share no"):
         compare_heads(a, b.assign(sample_id=b["sample_id"] + 100))
 

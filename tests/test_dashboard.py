@@ -170,7 +170,7 @@ def test_browser_renders_every_figure_without_errors(tmp_path):
     # The patching and attention head maps too: one figure per model, and per model and role.
     pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head=h, value=0.1 * (l - h)) for l in range(4) for h in range(8)]
                  ).to_csv(run / "patching_heads.csv", index=False)
-    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head=h, role=r, mean=0.05 * (l + h))
+    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head_index=h, role=r, mean=0.05 * (l + h))
                   for r in ("queried_box_label", "correct_objects") for l in range(4) for h in range(8)]
                  ).to_csv(run / "attention_heads.csv", index=False)
     n += 3

@@ -108,13 +108,13 @@ def test_cache_matches_transformers_hidden_states(smollm2, hf, queries, tmp_path
 
 def test_attention_under_grouped_query_heads(smollm2, hf, queries):
     raw = attention_to_roles(smollm2, queries[:3], AttentionConfig(progress=False))
-    assert set(raw["head"]) == set(range(9))  # query heads, not the 3 key-value heads
+    assert set(raw["head_index"]) == set(range(9))  # query heads, not the 3 key-value heads
     with torch.inference_mode():
         att = hf(torch.tensor([queries[0].prompt]), output_attentions=True).attentions  # [1, head, q, k] per layer
     labels = queries.role("box_mention", box=queries[0].query.examples[0].box).query("item == 0")["token_index"]
     for layer in (0, 15, 29):
         want = att[layer][0, :, -1, torch.tensor(labels.to_numpy())].sum(-1).numpy()
-        got = raw.query("query == 0 and layer == @layer and role == 'queried_box_label'").sort_values("head")["mass"]
+        got = raw.query("query == 0 and layer == @layer and role == 'queried_box_label'").sort_values("head_index")["mass"]
         np.testing.assert_allclose(got.to_numpy(), want, atol=1e-4)
 
 

@@ -244,3 +244,31 @@ def test_random_baseline_by_numops():
     assert math.isnan(table2["baseline_accuracy"].iloc[2])
     with pytest.raises(KeyError, match="n_mentioned"):
         random_baseline_by_numops(pd.DataFrame({"numops": [0]}))
+
+
+def test_clustered_wilson_widens_for_correlated_boxes_and_stays_in_bounds():
+    from boxprobe.behaviour.scoring import clustered_wilson_ci, wilson_ci
+
+    # Four states of seven boxes, each state all right or all wrong: 28 items carry the information of 4.
+    y = [1] * 14 + [0] * 14
+    states = [s for s in range(4) for _ in range(7)]
+    # Hand-worked: cluster residual sums are +-3.5, so the cluster-robust variance is 4/3 * 49 / 28^2 and the
+    # design effect 9.33: an effective n of 3 with 1.5 successes.
+    assert clustered_wilson_ci(y, states) == pytest.approx(wilson_ci(1.5, 3.0))
+    # One item per cluster: only the G/(G-1) small-sample factor remains, an effective n of 27.
+    assert clustered_wilson_ci(y, range(28)) == pytest.approx(wilson_ci(13.5, 27.0))
+    lo, hi = clustered_wilson_ci([0] * 21, [s // 7 for s in range(21)])
+    assert lo == 0.0 and 0 < hi < 1  # bounded, not a degenerate [0, 0]
+
+
+def test_accuracy_table_has_scope_int_numops_and_the_nothing_baseline():
+    from boxprobe.behaviour.scoring import accuracy_table
+
+    df = pd.DataFrame({"numops": [0, 0, 1, 1], "correct": [True, False, True, True],
+                       "gold": ["nothing", "the cup", "nothing", "nothing"],
+                       "sample_id": [1, 1, 2, 2], "num_operations": [0, 0, 1, 1]})
+    t = accuracy_table(df, numops_values=None)
+    assert list(t["scope"]) == ["numops", "numops", "all"] and str(t["numops"].dtype) == "Int64"
+    assert t["numops"].isna().tolist() == [False, False, True]
+    assert list(t["nothing_baseline"]) == [0.5, 1.0, 0.75] and list(t["accuracy"]) == [0.5, 1.0, 0.75]
+    assert ((t["ci_low"] >= 0) & (t["ci_high"] <= 1)).all()

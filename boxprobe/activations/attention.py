@@ -49,7 +49,7 @@ ROLES: tuple[str, ...] = ("queried_box_label", "correct_objects", "other_objects
 MENTIONS: tuple[str, ...] = ("initial", "move_src", "move_dest", "remove", "put")
 MENTION_ROLES: tuple[str, ...] = tuple(f"queried_box_label:{m}" for m in MENTIONS)
 QUERY_KEYS = ["sample_id", "num_operations", "box"]
-HEAD_KEYS = ["layer", "head", "role"]
+HEAD_KEYS = ["layer", "head_index", "role"]  # not "head": it would shadow DataFrame.head
 
 
 def roles_for(by_mention: bool = False) -> tuple[str, ...]:
@@ -176,7 +176,7 @@ def attention_to_roles(model, queries: QuerySet, config: AttentionConfig = Atten
     """Attention mass from each query's final token to each role, per query, layer and head.
 
     Columns: model, query (index into ``queries``), sample_id, num_operations, box (the queried box),
-    numops, layer, head, role, mass, n_tokens (positions in the role), mean_token (mass / n_tokens).
+    numops, layer, head_index, role, mass, n_tokens (positions in the role), mean_token (mass / n_tokens).
     """
     if not isinstance(queries, QuerySet):
         raise ConfigError("attention_to_roles takes a query set: queries = boxprobe.prepare(model, examples, spec).")
@@ -208,7 +208,7 @@ def attention_to_roles(model, queries: QuerySet, config: AttentionConfig = Atten
     frame = info.iloc[q_idx].reset_index(drop=True)
     frame.insert(0, "model", model_id(model))
     n_tokens = np.concatenate(counts)[q_idx, r_idx]
-    frame = frame.assign(layer=l_idx.astype(np.int16), head=h_idx.astype(np.int16),
+    frame = frame.assign(layer=l_idx.astype(np.int16), head_index=h_idx.astype(np.int16),
                          role=pd.Categorical.from_codes(r_idx, categories=list(roles)),
                          mass=m.ravel().astype(np.float32), n_tokens=n_tokens)
     frame["mean_token"] = (frame["mass"] / frame["n_tokens"].where(frame["n_tokens"] > 0)).astype(np.float32)
@@ -218,33 +218,49 @@ def attention_to_roles(model, queries: QuerySet, config: AttentionConfig = Atten
 # -- aggregation and comparison -------------------------------------------------------------------
 
 
-def _mean_ci(df: pd.DataFrame, keys: list[str], value: str, z: float) -> pd.DataFrame:
-    stats = (df.dropna(subset=[value]).groupby(keys, observed=True, sort=True)[value]
-             .agg(["mean", "std", "count"]).reset_index())
-    half = z * stats["std"] / np.sqrt(stats["count"])  # normal interval; NaN for a single value
-    return stats.assign(ci_low=stats["mean"] - half, ci_high=stats["mean"] + half,
-                        n=stats["count"].astype(int)).drop(columns=["std", "count"])
+def _mean_ci(df: pd.DataFrame, keys: list[str], value: str, z: float, bounds: tuple[float, float]) -> pd.DataFrame:
+    """Mean of ``value`` per ``keys`` with a normal interval on the cluster-robust standard error.
+
+    The queries of one state share its description, so they are clustered by state (sample_id,
+    num_operations) when those columns are there; the interval is clipped to ``bounds`` (a mass lies
+    in [0, 1], a difference of masses in [-1, 1]). NaN for a single cluster.
+    """
+    df = df.dropna(subset=[value])
+    cluster = [c for c in ("sample_id", "num_operations") if c in df.columns]
+    mean = df.groupby(keys, observed=True, sort=True)[value].transform("mean")
+    resid = df.assign(_r=df[value] - mean)
+    by_cluster = resid.groupby(keys + cluster, observed=True, sort=True)["_r"].sum() if cluster else resid.set_index(
+        keys)["_r"]
+    sq = (by_cluster ** 2).groupby(level=list(range(len(keys))), observed=True, sort=True).agg(["sum", "count"])
+    stats = df.groupby(keys, observed=True, sort=True)[value].agg(["mean", "count"])
+    g = sq["count"].to_numpy()
+    se = np.sqrt(np.where(g > 1, g / np.maximum(g - 1, 1), np.nan) * sq["sum"].to_numpy()) / stats["count"].to_numpy()
+    lo, hi = bounds
+    return stats.reset_index().assign(ci_low=np.clip(stats["mean"].to_numpy() - z * se, lo, hi),
+                                      ci_high=np.clip(stats["mean"].to_numpy() + z * se, lo, hi),
+                                      n=stats["count"].to_numpy().astype(int)).drop(columns=["count"])
 
 
 def aggregate_attention(raw: pd.DataFrame, by_numops: bool = True, value: str = "mass",
                         z: float = 1.96) -> pd.DataFrame:
-    """Mean of ``value`` (``mass`` or ``mean_token``) per model, layer, head, role and numops, with a normal CI.
+    """Mean of ``value`` (``mass`` or ``mean_token``) per model, layer, head, role and numops, with an
+    interval clustered by state and kept within [0, 1].
 
-    Columns: model, layer, head, role, numops ("all" for every query, else the numops value), mean,
-    ci_low, ci_high, n (queries in which the role has tokens).
+    Columns: model, layer, head_index, role, scope (``all`` for every query, ``numops`` per value),
+    numops (Int64, missing for ``all``), mean, ci_low, ci_high, n (queries in which the role has tokens).
     """
     missing = [c for c in ["model", *HEAD_KEYS, "numops", value] if c not in raw.columns]
     if missing:
         raise DataError(f"aggregate_attention: missing column(s) {', '.join(missing)}; "
                          "pass the frame of attention_to_roles.")
     keys = ["model", *HEAD_KEYS]
-    parts = [_mean_ci(raw, keys, value, z).assign(numops="all")]
+    parts = [_mean_ci(raw, keys, value, z, (0.0, 1.0)).assign(scope="all", numops=pd.NA)]
     if by_numops:
-        parts.append(_mean_ci(raw, keys + ["numops"], value, z))
+        parts.append(_mean_ci(raw, keys + ["numops"], value, z, (0.0, 1.0)).assign(scope="numops"))
     out = pd.concat(parts, ignore_index=True)
-    out["numops"] = out["numops"].astype(object)
+    out["numops"] = out["numops"].astype("Int64")
     out["role"] = out["role"].astype(str)
-    return out[keys + ["numops", "mean", "ci_low", "ci_high", "n"]]
+    return out[keys + ["scope", "numops", "mean", "ci_low", "ci_high", "n"]]
 
 
 def _aggregated(df: pd.DataFrame) -> pd.DataFrame:
@@ -252,20 +268,25 @@ def _aggregated(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _numops_rows(df: pd.DataFrame, numops) -> pd.DataFrame:
-    return df[df["numops"].astype(str) == str(numops)] if "numops" in df.columns else df
+    """Rows of one scope: ``numops="all"`` (every query) or one numops value."""
+    if "scope" not in df.columns:
+        return df
+    if str(numops) == "all":
+        return df[df["scope"] == "all"]
+    return df[(df["scope"] == "numops") & (df["numops"] == int(numops))]
 
 
 def rank_heads(df: pd.DataFrame, role: str = "queried_box_label", top_k: int = 10, numops="all") -> pd.DataFrame:
     """The ``top_k`` heads of each model by mean attention to ``role`` (raw or aggregated frame).
 
-    Columns: model, rank (1 = most attention), layer, head, role, mean, ci_low, ci_high, n.
+    Columns: model, rank (1 = most attention), layer, head_index, role, mean, ci_low, ci_high, n.
     """
     agg = _numops_rows(_aggregated(df), numops)
     agg = agg[agg["role"].astype(str) == role]
     if agg.empty:
         raise DataError(f"rank_heads: no rows for role {role!r} and numops {numops!r}; roles present: "
                          f"{sorted(df['role'].astype(str).unique())}.")
-    top = (agg.sort_values(["model", "mean", "layer", "head"], ascending=[True, False, True, True])
+    top = (agg.sort_values(["model", "mean", "layer", "head_index"], ascending=[True, False, True, True])
            .groupby("model", sort=False).head(top_k).copy())
     top.insert(1, "rank", top.groupby("model").cumcount() + 1)
     return top[["model", "rank", *HEAD_KEYS, "mean", "ci_low", "ci_high", "n"]].reset_index(drop=True)
@@ -278,7 +299,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
     Two raw frames (``attention_to_roles``) are compared *paired*, query by query, over the queries
     both hold (the interval of the mean paired difference). Otherwise both are aggregated and the
     interval assumes independent estimates (half-widths combined in quadrature).
-    Columns: layer, head, role, diff, ci_low, ci_high, n, paired, model_a, model_b.
+    Columns: layer, head_index, role, diff, ci_low, ci_high, n, paired, model_a, model_b.
     """
     names = [str(d["model"].iloc[0]) if "model" in d.columns and len(d) else label
              for d, label in ((df_a, "A"), (df_b, "B"))]
@@ -295,7 +316,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         both = a.assign(role=a["role"].astype(str))[keys + ["mass"]].merge(
             b.assign(role=b["role"].astype(str))[keys + ["mass"]], on=keys, suffixes=("_a", "_b"))
         both["diff"] = both["mass_a"] - both["mass_b"]
-        out = _mean_ci(both, HEAD_KEYS, "diff", z).rename(columns={"mean": "diff"})
+        out = _mean_ci(both, HEAD_KEYS, "diff", z, (-1.0, 1.0)).rename(columns={"mean": "diff"})
     else:
         a, b = (_numops_rows(_aggregated(d), numops) for d in (a, b))
         both = a.assign(role=a["role"].astype(str)).merge(b.assign(role=b["role"].astype(str)), on=HEAD_KEYS,
@@ -303,7 +324,7 @@ def compare_heads(df_a: pd.DataFrame, df_b: pd.DataFrame, role: str | None = Non
         half = lambda s: (both[f"ci_high_{s}"] - both[f"ci_low_{s}"]) / 2  # noqa: E731
         diff = both["mean_a"] - both["mean_b"]
         width = np.sqrt(half("a") ** 2 + half("b") ** 2)
-        out = both[HEAD_KEYS].assign(diff=diff, ci_low=diff - width, ci_high=diff + width,
+        out = both[HEAD_KEYS].assign(diff=diff, ci_low=(diff - width).clip(-1, 1), ci_high=(diff + width).clip(-1, 1),
                                      n=np.minimum(both["n_a"], both["n_b"]))
     if out.empty:
         raise DataError(f"compare_heads: models {names[0]!r} and {names[1]!r} share no (query,) layer, head and role"

@@ -59,7 +59,8 @@ from boxprobe.behaviour.decoding import (
 )
 from boxprobe.data.queries import ContextLengthError, EncodedQuery, QuerySet, prepare, resolve_spec
 from boxprobe.models.loading import load_model, model_id, model_info, model_label
-from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
+from boxprobe.behaviour.scoring import (accuracy_by_numops, accuracy_table, contents_match, split_all_boxes_statement,
+                                       state_accuracy)
 from boxprobe.data.task import OPERATION_KINDS, read_examples
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,21 @@ class EvalResult:
     frame: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def accuracy(self) -> pd.DataFrame:
+        """Tidy accuracy per numops and overall (:func:`boxprobe.behaviour.scoring.accuracy_table`): intervals
+        clustered by state, and the always-"nothing" baseline beside each cell."""
+        return accuracy_table(self.frame)
+
     def table(self) -> str:
-        """Accuracy per numops with n and the normal 95% interval, then overall and state accuracy."""
-        lines = [f"{'numops':>6} {'n':>6} {'accuracy':>9}  95% CI"]
-        acc, n, ci = self.summary["accuracy_by_numops"], self.summary["n_by_numops"], self.summary["ci_by_numops"]
-        fmt = lambda x: "   -" if x is None else f"{x:.3f}"  # noqa: E731
-        for key in acc:
-            lo, hi = ci[key]
-            lines.append(f"{key:>6} {n[key]:>6} {fmt(acc[key]):>9}  [{fmt(lo)}, {fmt(hi)}]")
+        """Accuracy per numops and overall, with 95% intervals clustered by state, beside the score of
+        always answering "nothing"; then state accuracy and the protocol."""
+        fmt = lambda x: "    -" if pd.isna(x) else f"{x:.3f}"  # noqa: E731
+        lines = [f"{'numops':>6} {'n':>6} {'accuracy':>9}  {'95% CI (clustered)':<18}  always-nothing"]
+        for r in self.accuracy().itertuples():
+            key = "all" if r.scope == "all" else str(r.numops)
+            lines.append(f"{key:>6} {r.n:>6} {fmt(r.accuracy):>9}  [{fmt(r.ci_low)}, {fmt(r.ci_high)}]    "
+                         f"{fmt(r.nothing_baseline)}")
         s = self.summary
-        (lo, hi), n_all = s["accuracy_ci"], s["n_examples"]
-        lines.append(f"{'all':>6} {n_all:>6} {fmt(s['accuracy']):>9}  [{fmt(lo)}, {fmt(hi)}]")
         lines.append(f"state accuracy {fmt(s['state_accuracy'])}  ({s['method']}, {s['prompt_format']}, "
                      f"template {s['template']}, {s['model']})")
         return "\n".join(lines)
@@ -134,7 +139,7 @@ def _rows(item: EncodedQuery, method: str, argmax: list[int] | None, generated: 
 
 
 def _nan_to_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    return None if x is None or pd.isna(x) else float(x)
 
 
 def _by_numops(frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -149,14 +154,16 @@ def _keyed(table: pd.DataFrame, *columns: str) -> dict[str, Any]:
 
 
 def _summary(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
-    table = _by_numops(frame, "correct")
-    k, n = int(frame["correct"].sum()), len(frame)
-    out = {**meta, "n_examples": n, "accuracy": _nan_to_none(k / n),
-           "accuracy_ci": [_nan_to_none(x) for x in normal_ci(k, n)],
+    tidy = accuracy_table(frame, sorted(set(NUMOPS_KEYS) | {int(v) for v in frame["numops"].unique()}))
+    table, overall = tidy[tidy["scope"] == "numops"], tidy[tidy["scope"] == "all"].iloc[0]
+    out = {**meta, "n_examples": int(overall["n"]), "accuracy": _nan_to_none(overall["accuracy"]),
+           "accuracy_ci": [_nan_to_none(overall["ci_low"]), _nan_to_none(overall["ci_high"])],
+           "ci_method": "Wilson at the effective sample size, clustered by state (sample_id, num_operations)",
+           "nothing_baseline": _nan_to_none(overall["nothing_baseline"]),
            "accuracy_by_numops": _keyed(table, "accuracy"),
            "n_by_numops": {str(r.numops): int(r.n) for r in table.itertuples()},
            "ci_by_numops": _keyed(table, "ci_low", "ci_high"),
-           "wilson_ci_by_numops": _keyed(table, "wilson_low", "wilson_high"),
+           "nothing_baseline_by_numops": _keyed(table, "nothing_baseline"),
            "state_accuracy": _nan_to_none(state_accuracy(frame))}
     if meta["method"] == "both":
         out["accuracy_fast"] = _nan_to_none(frame["correct_fast"].mean())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -143,6 +143,56 @@ def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (max(0.0, center - half), min(1.0, center + half))
+
+
+def clustered_wilson_ci(correct: Sequence[bool], clusters: Sequence, z: float = 1.96) -> tuple[float, float]:
+    """Wilson interval on the effective sample size of clustered items; NaNs when empty.
+
+    The boxes of one state are not independent samples. The cluster-robust variance of the mean
+    (sum over clusters of squared residual sums, with the G/(G-1) small-sample factor) over the
+    simple-random-sampling variance is the design effect; the Wilson interval is taken at
+    n / design effect, so it stays within [0, 1] (the effect is floored at 1: never narrower than
+    treating every item as independent).
+    """
+    y = np.asarray(correct, dtype=float)
+    n = len(y)
+    if n == 0:
+        return (math.nan, math.nan)
+    p = float(y.mean())
+    sums = pd.Series(y - p).groupby(pd.Series(list(clusters)).astype(str).to_numpy()).sum().to_numpy()
+    groups = len(sums)
+    deff = 1.0
+    if groups > 1 and 0 < p < 1:
+        var_cluster = groups / (groups - 1) * float((sums ** 2).sum()) / n ** 2
+        deff = max(1.0, var_cluster / (p * (1 - p) / n))
+    n_eff = n / deff
+    return wilson_ci(p * n_eff, n_eff, z)
+
+
+def accuracy_table(df: pd.DataFrame, numops_values: Iterable[int] | None = range(8),
+                   clusters: Sequence[str] = ("sample_id", "num_operations"), z: float = 1.96) -> pd.DataFrame:
+    """Tidy accuracy per numops and over all rows, with intervals clustered by state and the baseline
+    of always answering "nothing".
+
+    Columns: scope (``numops`` or ``all``), numops (Int64; missing for ``all``), n, n_correct, accuracy,
+    ci_low, ci_high (:func:`clustered_wilson_ci`), nothing_baseline (the fraction of gold answers that
+    are "nothing": what a model that never tracks anything scores).
+    """
+    _require_columns(df, ("numops", "correct", "gold", *clusters), "accuracy_table")
+    correct = _correct_column(df)
+    empty = df["gold"].astype(str).str.strip().str.rstrip(".").eq("nothing")
+    key = df[list(clusters)].astype(str).agg("/".join, axis=1)
+    values = sorted(df["numops"].unique()) if numops_values is None else list(numops_values)
+    cells = [("numops", int(v), df["numops"] == v) for v in values] + [("all", pd.NA, pd.Series(True, df.index))]
+    rows = []
+    for scope, value, mask in cells:
+        n, k = int(mask.sum()), int(correct[mask].sum())
+        lo, hi = clustered_wilson_ci(correct[mask], key[mask], z)
+        rows.append({"scope": scope, "numops": value, "n": n, "n_correct": k, "accuracy": k / n if n else math.nan,
+                     "ci_low": lo, "ci_high": hi, "nothing_baseline": float(empty[mask].mean()) if n else math.nan})
+    table = pd.DataFrame(rows)
+    table["numops"] = table["numops"].astype("Int64")
+    return table
 
 
 def _require_columns(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:

@@ -156,7 +156,7 @@ RUN_FILES: dict[str, list[str]] = {
     "model_difference.csv": ["layer", "diff", "ci_low", "ci_high"],
     "patching_resid.csv": ["model", "layer", "position", "value"],
     "patching_heads.csv": ["model", "layer", "head", "value"],
-    "attention_heads.csv": ["model", "layer", "head", "role", "mean"],
+    "attention_heads.csv": ["model", "layer", "head_index", "role", "mean"],
     "cmap.csv": ["group", "metric", "before", "after"],
 }
 

@@ -361,8 +361,9 @@ def head_heatmap(df: pd.DataFrame, value: str = "value", model: str | None = Non
     Columns: ``layer``, ``head``, ``value`` (or the column named by ``value``); optional
     ``model`` (one panel per model unless ``model=`` picks one).
     """
-    _require(df, ["layer", "head", value], "head_heatmap")
-    return _heatmap_facets(df, "head", "layer", value, "head_heatmap", model=model,
+    head = "head_index" if "head_index" in df.columns else "head"  # attention frames vs patching frames
+    _require(df, ["layer", head, value], "head_heatmap")
+    return _heatmap_facets(df, head, "layer", value, "head_heatmap", model=model,
                            title=title or f"Per-head {value}" + (f": {model}" if model else ""),
                            x_title="head", y_title=LAYER_TITLE, colorbar=value, unit=False)
 
