@@ -193,6 +193,36 @@ def _cached_hub_revision(hf_id: str, revision: str | None) -> str | None:
     return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else "cached"
 
 
+def model_n_layers(name_or_path: str | Path) -> int | None:
+    """The number of blocks a model will have, read from its ``config.json`` without loading weights
+    (a checkpoint directory, or a hub model in the local cache); None when there is no config to read
+    (a GGUF file, a model not downloaded yet). For checking layer indices before a model loads."""
+    name = str(name_or_path)
+    resolved = resolve_model_name(name)
+    path: Path | None = Path(resolved).expanduser() / "config.json"
+    if not path.is_file():
+        path = None
+        if not _looks_like_path(resolved) and not resolved.lower().endswith(".gguf"):
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                hit = try_to_load_from_cache(resolved, "config.json")
+            except ValueError:  # not a repo id
+                hit = None
+            path = Path(hit) if isinstance(hit, str) else None
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the loader names a broken checkpoint better
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
 def check_checkpoint_dir(path: str | Path, name: str | None = None) -> Path:
     """Check that `path` is a loadable HF checkpoint directory; return it resolved."""
     path = Path(path).expanduser()
