@@ -316,6 +316,19 @@ def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
                 "batches with; add a pad token to the tokenizer"
             )
         tok.pad_token = fallback
+    # transformers fills a missing special token with "<|endoftext|>"; in a vocabulary without it, that is
+    # <unk>: every batch would pad with <unk> and the prompts would lose their BOS token, silently.
+    unk = tok.unk_token_id
+    absent = [f"{kind} {token!r}" for kind, token in (("pad_token", tok.pad_token), ("bos_token", tok.bos_token),
+                                                      ("eos_token", tok.eos_token))
+              if token is not None and unk is not None and token != tok.unk_token
+              and tok.convert_tokens_to_ids(token) == unk]
+    if absent:
+        raise ModelLoadError(
+            f"model {model.cfg.model_name!r}: the tokenizer's {', '.join(absent)} is not in its vocabulary (it "
+            "maps to the unknown token), so batches would pad with <unk> and prompts lose their BOS token. "
+            "Set pad_token, bos_token and eos_token in the checkpoint's tokenizer_config.json to tokens of its "
+            "vocabulary (e.g. \"<pad>\", \"<s>\", \"</s>\").")
     tok.padding_side = "left"
     model.cfg.default_padding_side = "left"
 
