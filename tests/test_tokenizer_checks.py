@@ -40,3 +40,12 @@ def test_unknown_words_are_counted_and_shown(caplog):
     with caplog.at_level(logging.WARNING, logger="boxprobe.data.queries"):
         prepare(model, odd, resolve_spec(model))
     assert "7 of 7 queries hold" in caplog.text and "'bägel' x" in caplog.text
+
+
+def test_a_truncated_weights_file_is_one_clear_error(tmp_path):
+    ckpt = tmp_path / "truncated"
+    shutil.copytree(TOY, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(BoxprobeError, match="truncated or damaged"):
+        load_model(ckpt, device="cpu")

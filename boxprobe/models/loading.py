@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.models.registry import resolve_model_name
@@ -498,10 +499,12 @@ def load_model(
             target, device=device_str, dtype=torch_dtype, revision=revision, hf_model=hf_model,
             **placement_kwargs,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
+        hint = (" (a weights file is truncated or damaged: download or convert the checkpoint again)"
+                if isinstance(e, SafetensorError) else "")
         raise ModelLoadError(
             f"failed to load model {_describe(name, target)} with "
-            f"TransformerBridge.boot_transformers: {e}"
+            f"TransformerBridge.boot_transformers: {e}{hint}"
         ) from e
     model.eval()
     setup_tokenizer_for_batching(model)
