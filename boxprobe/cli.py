@@ -57,7 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
-        device=args.device, dtype=args.dtype, chat=args.chat,
+        device=args.device, dtype=args.dtype, chat=args.chat, overwrite=args.overwrite,
         config=EvalConfig(batch_size=args.batch_size, method=args.method))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
@@ -73,7 +73,7 @@ def _probe(args: argparse.Namespace) -> int:
     cfg = load_yaml_config(ProbeExperimentConfig, args.config)
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=str(args.out))
-    run = ProbeExperiment(cfg).run()
+    run = ProbeExperiment(cfg, overwrite=args.overwrite, repair=args.repair).run()
     nt = run.probe_accuracy[run.probe_accuracy.metric == "non_trivial"]
     print(nt.pivot_table(index=["probe", "model", "kind"], columns="layer", values="value").round(3).to_string())
     print(f"\nwrote CSVs to {run.out_dir}")
@@ -90,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, models=tuple(args.models))
     if args.stages:
         cfg = dataclasses.replace(cfg, stages=tuple(args.stages))
-    result = run_demo(cfg)
+    result = run_demo(cfg, overwrite=args.overwrite)
     behaviour = Path(args.out) / "behaviour.csv"
     if behaviour.exists():
         import pandas as pd
@@ -163,17 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     ev.add_argument("--batch-size", type=_positive_int, default=16)
+    ev.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("probe", parents=[common], help="run a probe experiment from a YAML config")
     pr.add_argument("config", type=Path, help="YAML file of ProbeExperimentConfig fields (see experiments/)")
     pr.add_argument("--out", type=Path, default=None, help="override the config's out_dir")
+    pr.add_argument("--overwrite", action="store_true", help="replace another run's results in the out_dir")
+    pr.add_argument("--repair", action="store_true",
+                    help="rebuild activation caches whose manifest is damaged (damaged shards are always rebuilt)")
     pr.set_defaults(func=_probe)
 
     de = sub.add_parser("demo", parents=[common], help="every analysis stage on the bundled toy models, with a dashboard")
     de.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     de.add_argument("--models", nargs="+", default=None, help="models instead of the bundled toy models")
     de.add_argument("--stages", nargs="+", choices=DEMO_STAGES, default=None)
+    de.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     de.set_defaults(func=_demo)
 
     da = sub.add_parser("dashboard", parents=[common], help="write RUN_DIR/dashboard.html from a run directory")

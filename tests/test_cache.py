@@ -210,8 +210,9 @@ def test_killed_runs_resume_without_recomputing(model, queries, tmp_path):
         on_shard = lambda k: (record("written", k), point == "after_shard_0" and die())
         on_batch = lambda k, b: (record("batch", k), point == "mid_shard_2" and (k, b) == (2, 1) and die())
         if point == "writing_shard_3":
-            real_save = cache_mod.save_file
-            cache_mod.save_file = lambda t, path, metadata: (real_save(t, path, metadata), "00003" in path and die())
+            real_write = cache_mod._write_file
+            cache_mod._write_file = lambda path, data: (real_write(path, data),
+                                                        "00003.safetensors" in path and die())
         if point == "renaming_shard_3":
             real_replace = cache_mod.os.replace
             cache_mod.os.replace = lambda a, b: (real_replace(a, b), str(b).endswith("00003.jsonl") and die())

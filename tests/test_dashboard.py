@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import pytest
 from plotly.offline import get_plotlyjs
 
+from boxprobe.errors import DataError
 from boxprobe.report import plots
 from boxprobe.report.dashboard import Section, dashboard_from_run, write_dashboard
 
@@ -197,3 +198,19 @@ def test_browser_check_catches_a_broken_page(tmp_path):
     errors = js_errors(dom, log)
     assert errors and any("boom-42" in e for e in errors)
     assert "JavaScript errors: Uncaught Error: boom-42" in dom
+
+
+def test_dashboard_refuses_a_csv_cut_mid_row_or_a_non_numeric_layer(tmp_path):
+    run, _ = make_run_dir(tmp_path)
+    path = run / "probe_accuracy.csv"
+    text = path.read_text()
+    path.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 8])  # the last row cut after a few characters
+    with pytest.raises(DataError, match=r"probe_accuracy\.csv:\d+: \d fields where the header has \d+; the file is cut"):
+        dashboard_from_run(run)
+    path.write_text(text)
+    df = pd.read_csv(path)
+    df["layer"] = df["layer"].astype(object)
+    df.loc[3, "layer"] = "five"
+    df.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"probe_accuracy\.csv:5: column 'layer' must be a number, got 'five'"):
+        dashboard_from_run(run)

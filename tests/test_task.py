@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from boxprobe.errors import DataError
 from boxprobe.data.task import (
     MASK,
     Operation,
@@ -251,3 +252,40 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TaskConfig.from_dict({"num_boxs": 7})
     with pytest.raises(ConfigError, match="output_format"):
         TaskConfig(output_format="t5")
+
+
+GOOD = {"sentence": "Box 0 contains the bag, Box 1 contains nothing. Box 0 contains the bag.",
+        "sentence_masked": "Box 0 contains the bag, Box 1 contains nothing. Box 0 contains <extra_id_0> .",
+        "masked_content": "<extra_id_0> the bag", "sample_id": 3, "numops": 0, "numops_by_op": {"move": 0},
+        "num_operations": 0, "box": 0}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"numops": "2"}, r"bad.jsonl:2: field 'numops' must be an integer, got '2' \(str\)"),
+    ({"numops": "three"}, r"bad.jsonl:2: field 'numops' must be an integer"),
+    ({"sentence_masked": 7}, r"bad.jsonl:2: field 'sentence_masked' must be a string"),
+    ({"sample_id": True}, r"bad.jsonl:2: field 'sample_id' must be an integer"),
+    ({"numops": -1}, r"bad.jsonl:2: field 'numops' must be >= 0"),
+    ({"box": 99}, r"bad.jsonl:2: field 'box' is 99, but the description names 2 boxes"),
+    ({"numops_by_op": {"move": "1"}}, r"bad.jsonl:2: field 'numops_by_op' must map"),
+])
+def test_read_examples_checks_field_types_naming_file_and_line(tmp_path, change, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "box": 1, **change}) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_examples(bad)
+
+
+def test_read_examples_refuses_duplicate_sample_ids_with_other_content(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    other_state = {k: v.replace("Box 1 contains nothing", "Box 1 contains the cup") if isinstance(v, str) else v
+                   for k, v in GOOD.items()}
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps({**other_state, "box": 1}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: sample_id 3 has another initial state than on line 1"):
+        read_examples(bad)
+    answer = {**GOOD, "sentence": GOOD["sentence"].replace("contains the bag.", "contains nothing.")}
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps(answer) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: sample_id 3, num_operations 0, box 0 is also on line 1"):
+        read_examples(bad)
+    bad.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")  # an exact repeat is the same query
+    assert len(read_examples(bad)) == 2

@@ -7,6 +7,12 @@ written atomically: ``shard-0000k.safetensors`` (a tensor ``"{group}/{role}"`` p
 role, ``[rows, n_layers, *activation]``) and ``shard-0000k.jsonl`` (one metadata row per activation
 row). ``manifest.json`` records the request: a rerun resumes, and a different request is refused.
 
+Integrity: the manifest records each shard's sha256 (of both files, hashed from the bytes in memory
+as they are written) and its rows per role. A reader checks a shard's hashes, row counts and that every
+activation is finite before it returns any of it, and names the shard, model, layer, role and rows
+that fail. A rerun of ``build_cache`` rebuilds shards that fail the check; ``repair=True`` (``--repair``)
+also rebuilds a cache whose manifest is unreadable.
+
 Groups: ``blocks.{l}.hook_resid_post`` over ``l`` is ``resid_post``, rows ``[n, n_layers, d_model]``;
 ``attn.hook_z`` keeps its heads, ``[n, n_layers, n_heads, d_head]``; ``hook_embed`` has one layer, -1.
 """
@@ -28,7 +34,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -323,6 +329,37 @@ def _shard_paths(directory: Path, k: int) -> tuple[Path, Path]:
     return directory / f"shard-{k:05d}.safetensors", directory / f"shard-{k:05d}.jsonl"
 
 
+def _damaged_message(directory: Path, what: str) -> str:
+    return (f"{what}. It is not used: rerun the same command to rebuild the shards that fail the check, or pass "
+            f"--repair (build_cache(..., repair=True)); or delete {directory}.")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a cache directory; a truncated or unreadable one is a DataError naming the file."""
+    path = Path(directory) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is damaged (not valid JSON: {getattr(err, 'msg', err)}); rerun with --repair "
+                        f"(build_cache(..., repair=True)) to rebuild the cache, or delete {Path(directory)}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("completed_shards"), list):
+        raise DataError(f"{path} is damaged (no list of completed shards); rerun with --repair "
+                        f"(build_cache(..., repair=True)) to rebuild the cache, or delete {Path(directory)}.")
+    return data
+
+
+def shard_problem(directory: Path, k: int, record: dict | None) -> str | None:
+    """Why shard ``k`` cannot be trusted (missing, no checksum, checksum or row mismatch), or None."""
+    st_path, meta_path = _shard_paths(directory, k)
+    if not st_path.exists() or not meta_path.exists():
+        return f"shard {st_path.name} is listed as complete in {directory / MANIFEST} but its files are missing"
+    if not record or "sha256" not in record:
+        return f"shard {st_path.name} in {directory} has no checksum in the manifest (written by an older boxprobe)"
+    if file_sha256(st_path) != record["sha256"] or file_sha256(meta_path) != record.get("meta_sha256"):
+        return f"shard {st_path.name} in {directory} fails its sha256 checksum (the file is damaged or truncated)"
+    return None
+
+
 def _complete_shards(directory: Path) -> set[int]:
     """Shards with both files; drops tmp files and lone metadata files left by a killed run."""
     for tmp in directory.glob("shard-*.tmp"):
@@ -344,7 +381,7 @@ def file_sha256(path: str | Path) -> str:
 
 def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig, data_hash: str | None = None,
                 progress: bool = True, on_batch: Callable[[int, int], None] | None = None,
-                on_shard: Callable[[int], None] | None = None) -> "CacheReader":
+                on_shard: Callable[[int], None] | None = None, repair: bool = False) -> "CacheReader":
     """Cache ``cfg.hooks`` at ``cfg.roles`` over ``queries`` (:func:`boxprobe.data.queries.prepare`) into
     ``out_dir``, resuming a previous run there.
 
@@ -354,6 +391,8 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     ``data_hash`` is the sha256 of the data file the queries came from (default: a hash of the
     queries). ``on_batch(shard, batch)`` runs after each forward pass and ``on_shard(shard)`` after
     each shard is written. Raises ``CacheMismatchError`` if ``out_dir`` holds another cache.
+    Shards that fail their checksum are rebuilt (with a warning); ``repair`` also rebuilds the whole
+    cache when its manifest is unreadable (otherwise a DataError naming it).
     """
     out = Path(out_dir)
     if not isinstance(queries, QuerySet):
@@ -365,22 +404,40 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     if tok is None or tok.pad_token_id is None:
         raise ArgumentError(f"Model {model.cfg.model_name!r} needs a tokenizer with a pad token to batch prompts; "
                          "load it with boxprobe.models.load_model, which sets one.")
+    records: dict[str, dict] = {}
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = read_manifest(out)
+        except DataError:
+            if not repair:
+                raise
+            logger.warning("%s is damaged; rebuilding the cache in %s (--repair).", path, out)
+            for stale in [path, *out.glob("shard-*")]:
+                stale.unlink()
+            old = request
+        records = dict(old.get("shards") or {})
         if diff := [k for k in COMPARED if old.get(k) != request[k]]:
             details = "; ".join(f"{k}: cached {old.get(k)!r}, requested {request[k]!r}" for k in diff)
             raise CacheMismatchError(f"{path} was written for another request ({details}). Pick another "
                                      "directory, or delete this one to rebuild it; shards are never mixed.")
-    elif out.exists() and any(out.glob("shard-*")):
+    if not path.exists() and out.exists() and any(out.glob("shard-*")):
         raise CacheMismatchError(f"{out} holds shard files but no {MANIFEST}; delete them or pick another directory.")
     out.mkdir(parents=True, exist_ok=True)
     done, n, size = _complete_shards(out), len(queries), cfg.shard_size
     n_shards = -(-n // size)
+    for k in sorted(done):
+        if (problem := shard_problem(out, k, records.get(str(k)))) is not None:
+            logger.warning("%s; rebuilding it.", problem)
+            for file in _shard_paths(out, k):
+                file.unlink(missing_ok=True)
+            done.discard(k)
+            records.pop(str(k), None)
 
     def save_manifest() -> None:
         finished = sorted(k for k in done if k < n_shards)
         items = sum(min(n, (k + 1) * size) - k * size for k in finished)
-        status = {"n_items": items, "completed_shards": finished, "complete": len(finished) == n_shards}
+        status = {"n_items": items, "completed_shards": finished, "complete": len(finished) == n_shards,
+                  "shards": {str(k): records[str(k)] for k in finished}}
         path.with_name(MANIFEST + ".tmp").write_text(json.dumps({**request, **status}, indent=1))
         os.replace(path.with_name(MANIFEST + ".tmp"), path)
 
@@ -411,7 +468,7 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
                 if on_batch is not None:
                     on_batch(k, b)
                 if j + 1 == len(jobs) or jobs[j + 1][0] != k:
-                    _write_shard(out, k, parts, pd.concat(tables, ignore_index=True))
+                    records[str(k)] = _write_shard(out, k, parts, pd.concat(tables, ignore_index=True))
                     parts, tables = {}, []
                     done.add(k)
                     save_manifest()
@@ -420,17 +477,28 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     return open_cache(out)
 
 
-def _write_shard(out: Path, k: int, parts: dict[str, list[torch.Tensor]], meta: pd.DataFrame) -> None:
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _write_shard(out: Path, k: int, parts: dict[str, list[torch.Tensor]], meta: pd.DataFrame) -> dict:
+    """Write shard ``k``'s two files atomically; returns its manifest record (checksums, rows per role)."""
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
     if any(t.dtype == torch.float16 and bool(torch.isinf(t).any()) for t in tensors.values()):
         logger.warning("shard %d: activations overflow float16 (inf); cache as bfloat16 or float32 instead.", k)
     meta.insert(1, "shard", k)
     meta.insert(2, "row", meta.groupby("role").cumcount())
     st_path, meta_path = _shard_paths(out, k)
-    meta.to_json(meta_path.with_name(meta_path.name + ".tmp"), orient="records", lines=True)
-    save_file(tensors, str(st_path) + ".tmp", metadata={"shard": str(k)})
+    # Hashed from the bytes in memory: no second read of the files.
+    meta_bytes = meta.to_json(orient="records", lines=True).encode()
+    st_bytes = save_bytes(tensors, metadata={"shard": str(k)})
+    for target, data in ((meta_path, meta_bytes), (st_path, st_bytes)):
+        _write_file(str(target) + ".tmp", data)
     os.replace(meta_path.with_name(meta_path.name + ".tmp"), meta_path)
     os.replace(str(st_path) + ".tmp", st_path)  # last: a shard counts as complete once this file exists
+    return {"sha256": hashlib.sha256(st_bytes).hexdigest(), "meta_sha256": hashlib.sha256(meta_bytes).hexdigest(),
+            "rows": {str(r): int(c) for r, c in meta["role"].value_counts(sort=False).items()}}
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -444,8 +512,12 @@ class CacheReader:
         path = self.directory / MANIFEST
         if not path.exists():
             raise MissingFileError(f"No {MANIFEST} in {self.directory}; is it a cache written by build_cache?")
-        self.manifest: dict = json.loads(path.read_text())
-        self.shards = [k for k in self.manifest["completed_shards"] if _shard_paths(self.directory, k)[0].exists()]
+        self.manifest: dict = read_manifest(self.directory)
+        self.shards = list(self.manifest["completed_shards"])
+        self._checked: set[int] = set()
+        for k in self.shards:  # a missing shard is an error here, not a silent loss of rows
+            if not all(p.exists() for p in _shard_paths(self.directory, k)):
+                raise DataError(_damaged_message(self.directory, shard_problem(self.directory, k, None)))
         self.groups = {name: HookGroup(name, tuple(g["hooks"]), tuple(g["layers"]))
                        for name, g in self.manifest["groups"].items()}
         self.roles: tuple[str, ...] = tuple(self.manifest["roles"])
@@ -474,13 +546,41 @@ class CacheReader:
     def layers(self, hook: str) -> tuple[int, ...]:
         return self.groups[self._key(hook, self.roles[0])[0]].layers
 
+    def _check(self, k: int) -> dict:
+        """Shard ``k``'s manifest record, once its checksums match (checked once per reader)."""
+        record = (self.manifest.get("shards") or {}).get(str(k))
+        if k not in self._checked:
+            if (problem := shard_problem(self.directory, k, record)) is not None:
+                raise DataError(_damaged_message(self.directory, problem))
+            self._checked.add(k)
+        return record
+
     def _read(self, k: int, key: str, role: str, slot: int | None) -> torch.Tensor:
+        expected = self._check(k)["rows"].get(role, 0)
         with safe_open(_shard_paths(self.directory, k)[0], framework="pt") as f:
-            return f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot:slot + 1]
+            t = f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot:slot + 1]
+        if t.shape[0] != expected:
+            raise DataError(_damaged_message(self.directory, f"shard {_shard_paths(self.directory, k)[0].name} holds "
+                                             f"{t.shape[0]} rows of {key}/{role}, the manifest {expected}"))
+        finite = torch.isfinite(t.reshape(t.shape[0], t.shape[1], -1)).all(-1)  # [rows, layers]
+        if not bool(finite.all()):
+            rows, cols = (~finite).nonzero(as_tuple=True)
+            layers = self.groups[key].layers if slot is None else self.groups[key].layers[slot:slot + 1]
+            queries = self._meta(k, role)["query_index"].to_numpy()[rows.unique().numpy()]
+            raise DataError(
+                f"Cache {self.directory}: non-finite activations (NaN or inf) of model "
+                f"{self.manifest.get('model_name')!r}, {key} layer(s) {sorted({layers[c] for c in cols.tolist()})}, "
+                f"role {role}, {len(queries)} row(s) of shard {k} (query_index {queries[:5].tolist()}). They are not "
+                "used: for float16 overflow cache as bfloat16 or float32; otherwise check the model's weights.")
+        return t
 
     def _meta(self, k: int, role: str) -> pd.DataFrame:
+        expected = self._check(k)["rows"].get(role, 0)
         with _shard_paths(self.directory, k)[1].open() as f:
             df = pd.DataFrame([r for r in map(json.loads, f) if r["role"] == role])
+        if len(df) != expected:
+            raise DataError(_damaged_message(self.directory, f"shard {_shard_paths(self.directory, k)[1].name} holds "
+                                             f"{len(df)} metadata rows of role {role}, the manifest {expected}"))
         return df.astype({c: "Int64" for c in ("box", "op_index") if c in df})
 
     def iter_shards(self, hook: str, role: str) -> Iterator[tuple[torch.Tensor, pd.DataFrame]]:

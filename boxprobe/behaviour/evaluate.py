@@ -97,10 +97,13 @@ class EvalResult:
 
     def save(self, out_dir: str | Path) -> None:
         """Write ``results.csv`` (the frame) and ``summary.json`` to ``out_dir``."""
+        from boxprobe.pipeline.rundir import atomic_write_bytes
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.frame.to_csv(out_dir / "results.csv", index=False)
-        (out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        # Both files or neither: a full disk leaves the old pair, never a cut CSV beside a new summary.
+        atomic_write_bytes({out_dir / "results.csv": self.frame.to_csv(index=False).encode(),
+                            out_dir / "summary.json": (json.dumps(self.summary, indent=2) + "\n").encode()})
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -266,11 +269,27 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
 def evaluate_file(model_name_or_path_or_model: str | Path | TransformerBridge, data_path: str | Path,
                   out_dir: str | Path, *, prompt_format: str | None = None, template: str | Path | None = None,
                   chat: bool | None = None, limit: int | None = None, device: str | None = None,
-                  dtype: str | None = None, config: EvalConfig = EvalConfig()) -> EvalResult:
+                  dtype: str | None = None, config: EvalConfig = EvalConfig(), overwrite: bool = False) -> EvalResult:
     """Load the model (unless given one) and a JSONL file, evaluate, and write ``out_dir/summary.json`` and
-    ``out_dir/results.csv``. The prompt spec is resolved from the arguments, then the checkpoint."""
+    ``out_dir/results.csv``. The prompt spec is resolved from the arguments, then the checkpoint.
+
+    ``out_dir`` is claimed first (:func:`boxprobe.pipeline.rundir.claim_run_dir`): a directory holding
+    another run's results is refused unless ``overwrite``, and so is one another process is writing."""
+    from boxprobe.pipeline.rundir import claim_run_dir
+
     examples = read_examples(data_path)  # before loading: a bad file should not wait for a large model
-    model = model_name_or_path_or_model
+    name = model_name_or_path_or_model
+    signature = {"model": model_id(name) if isinstance(name, TransformerBridge) else str(name),
+                 "data": str(Path(data_path).resolve()), "format": prompt_format,
+                 "template": None if template is None else str(template), "chat": chat, "limit": limit,
+                 "method": config.method}
+    with claim_run_dir(out_dir, "eval", signature, overwrite=overwrite):
+        return _evaluate_file(name, data_path, examples, out_dir, prompt_format, template, chat, limit, device,
+                              dtype, config)
+
+
+def _evaluate_file(model, data_path, examples, out_dir, prompt_format, template, chat, limit, device, dtype,
+                   config) -> EvalResult:
     if not isinstance(model, TransformerBridge):
         model = load_model(model, device=device, dtype=dtype)
     out_dir = Path(out_dir)

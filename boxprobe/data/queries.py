@@ -24,6 +24,8 @@ prefix was appended, as Tang et al. append " the" (PootieT/entity-tracking-mi, `
 
 from __future__ import annotations
 
+import logging
+
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +45,8 @@ ALL_ROLES: tuple[str, ...] = ROLES + ANSWER_ROLES
 DEFAULT_TEMPLATE = "default"
 DEFAULT_FORMAT: PromptFormat = "per-box"
 
+
+logger = logging.getLogger(__name__)
 
 class ContextLengthError(BoxprobeError, ValueError):
     """A prompt plus its answer does not fit the model's context; ``example`` is the offending one."""
@@ -281,9 +285,33 @@ def prepare(model, examples: Sequence[Example] | str | Path, spec: PromptSpec | 
         query_rows = [(*r, None) for r in prompt_role_rows(q, p_off, p_sp)] + _answer_rows(q, f_off, f_sp)
         rows += query_rows
         owners += [i] * len(query_rows)
+    _warn_unknown(tok, queries, fulls)
     positions = frame_rows(rows, with_k=True)
     positions.insert(0, "item", np.asarray(owners, dtype=np.int64))
     return QuerySet(spec, tuple(items), positions, getattr(tok, "name_or_path", ""), n_ctx)
+
+
+def _warn_unknown(tok, queries: Sequence[Query], encoded) -> None:
+    """Warn, with examples, when prompts or answers hold the unknown token: words the model cannot read
+    (unicode object names on a word-level vocabulary) make accuracy 0 without any other sign."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return
+    words: dict[str, int] = {}
+    n_queries = 0
+    for q, (ids, offsets, _) in zip(queries, encoded):
+        hits = [i for i, t in enumerate(ids) if t == unk]
+        n_queries += bool(hits)
+        text = q.prompt + q.continuation
+        for i in hits:
+            word = text[int(offsets[i][0]):int(offsets[i][1])].strip() or "?"
+            words[word] = words.get(word, 0) + 1
+    if words:
+        top = sorted(words.items(), key=lambda kv: -kv[1])[:5]
+        logger.warning("%d of %d queries hold %d unknown token(s) (%s) that the tokenizer %r maps to %r; the model "
+                       "cannot read those words. Use objects in the model's vocabulary.", n_queries, len(queries),
+                       sum(words.values()), ", ".join(f"{w!r} x{c}" for w, c in top),
+                       getattr(tok, "name_or_path", ""), tok.unk_token)
 
 
 def _context_length(model) -> int | None:

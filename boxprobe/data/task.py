@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -390,12 +391,49 @@ def sequence_examples(seq: BoxSequence, cfg: TaskConfig) -> list[Example]:
 REQUIRED_FIELDS = ("sentence", "sentence_masked", "masked_content", "sample_id", "numops")
 
 
+_FIELD_TYPES = {"sentence": str, "sentence_masked": str, "masked_content": str, "sample_id": int, "numops": int,
+                "numops_by_op": dict, "num_operations": int, "box": int}
+_OPTIONAL = ("num_operations", "box")
+_BOX_LABEL = re.compile(r"\b(?:Box (\d+)|Container ([A-Z]))\b")
+
+
+def _field_problem(record: dict) -> str | None:
+    """What is wrong with the types or ranges of a record's fields, or None."""
+    for key, kind in _FIELD_TYPES.items():
+        if key not in record or (record[key] is None and key in _OPTIONAL):
+            continue
+        value = record[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            name = {str: "a string", int: "an integer", dict: "an object"}[kind]
+            return f"field {key!r} must be {name}, got {value!r} ({type(value).__name__})"
+        if kind is int and key != "sample_id" and value < 0:
+            return f"field {key!r} must be >= 0, got {value}"
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in record.get("numops_by_op", {}).values()):
+        return f"field 'numops_by_op' must map operation kinds to integers >= 0, got {record['numops_by_op']!r}"
+    if record.get("box") is not None:
+        initial = record["sentence_masked"].split(". ", 1)[0]
+        n_boxes = len({m.group(0) for m in _BOX_LABEL.finditer(initial)})
+        if n_boxes and record["box"] >= n_boxes:
+            return f"field 'box' is {record['box']}, but the description names {n_boxes} boxes (0..{n_boxes - 1})"
+    return None
+
+
 def read_examples(path: str | Path) -> list[Example]:
-    """Read a boxes JSONL file; a malformed line or a missing field is an error naming the line."""
+    """Read a boxes JSONL file, checking every line before returning any.
+
+    A malformed line, a missing field, a field of the wrong type or range (``numops: "2"``, ``box: 99``),
+    or two lines that give one ``sample_id`` different initial states (or one query different contents)
+    is a :class:`DataError` naming ``file:line``.
+    """
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"No data file at {path}. Generate one with `boxprobe generate --out DIR`.")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a boxes JSONL file (e.g. {path}/test-subsample.jsonl).")
     examples = []
+    known = {f.name for f in dataclasses.fields(Example)}
+    first_line: dict[int, tuple[int, str]] = {}  # sample_id -> (line, initial state)
+    query_line: dict[tuple, tuple[int, str]] = {}  # (sample_id, num_operations, box) -> (line, sentence)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -410,9 +448,21 @@ def read_examples(path: str | Path) -> list[Example]:
             if missing:
                 raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; "
                                  f"each line needs {', '.join(REQUIRED_FIELDS)}.")
+            if (problem := _field_problem(record)) is not None:
+                raise DataError(f"{path}:{lineno}: {problem}.")
             if MASK not in record["sentence_masked"]:
                 raise DataError(f"{path}:{lineno}: sentence_masked has no {MASK} mask.")
-            known = {f.name for f in dataclasses.fields(Example)}
+            sid, initial = record["sample_id"], record["sentence_masked"].split(". ", 1)[0]
+            seen, _ = first_line.setdefault(sid, (lineno, initial))
+            if first_line[sid][1] != initial:
+                raise DataError(f"{path}:{lineno}: sample_id {sid} has another initial state than on line {seen}; "
+                                "each sample_id must name one sequence (give the other sequence its own id).")
+            key = (sid, record.get("num_operations"), record.get("box"))
+            if key[1] is not None and key[2] is not None:
+                seen, sentence = query_line.setdefault(key, (lineno, record["sentence"]))
+                if sentence != record["sentence"]:
+                    raise DataError(f"{path}:{lineno}: sample_id {sid}, num_operations {key[1]}, box {key[2]} is also "
+                                    f"on line {seen} with other content; remove one of them.")
             examples.append(Example(**{k: v for k, v in record.items() if k in known}))
     if not examples:
         raise DataError(f"{path} holds no examples (the file is empty).")

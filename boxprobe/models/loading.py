@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.models.registry import resolve_model_name
@@ -193,6 +194,36 @@ def _cached_hub_revision(hf_id: str, revision: str | None) -> str | None:
     return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else "cached"
 
 
+def model_n_layers(name_or_path: str | Path) -> int | None:
+    """The number of blocks a model will have, read from its ``config.json`` without loading weights
+    (a checkpoint directory, or a hub model in the local cache); None when there is no config to read
+    (a GGUF file, a model not downloaded yet). For checking layer indices before a model loads."""
+    name = str(name_or_path)
+    resolved = resolve_model_name(name)
+    path: Path | None = Path(resolved).expanduser() / "config.json"
+    if not path.is_file():
+        path = None
+        if not _looks_like_path(resolved) and not resolved.lower().endswith(".gguf"):
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                hit = try_to_load_from_cache(resolved, "config.json")
+            except ValueError:  # not a repo id
+                hit = None
+            path = Path(hit) if isinstance(hit, str) else None
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the loader names a broken checkpoint better
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
 def check_checkpoint_dir(path: str | Path, name: str | None = None) -> Path:
     """Check that `path` is a loadable HF checkpoint directory; return it resolved."""
     path = Path(path).expanduser()
@@ -311,6 +342,19 @@ def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
                 "batches with; add a pad token to the tokenizer"
             )
         tok.pad_token = fallback
+    # transformers fills a missing special token with "<|endoftext|>"; in a vocabulary without it, that is
+    # <unk>: every batch would pad with <unk> and the prompts would lose their BOS token, silently.
+    unk = tok.unk_token_id
+    absent = [f"{kind} {token!r}" for kind, token in (("pad_token", tok.pad_token), ("bos_token", tok.bos_token),
+                                                      ("eos_token", tok.eos_token))
+              if token is not None and unk is not None and token != tok.unk_token
+              and tok.convert_tokens_to_ids(token) == unk]
+    if absent:
+        raise ModelLoadError(
+            f"model {model.cfg.model_name!r}: the tokenizer's {', '.join(absent)} is not in its vocabulary (it "
+            "maps to the unknown token), so batches would pad with <unk> and prompts lose their BOS token. "
+            "Set pad_token, bos_token and eos_token in the checkpoint's tokenizer_config.json to tokens of its "
+            "vocabulary (e.g. \"<pad>\", \"<s>\", \"</s>\").")
     tok.padding_side = "left"
     model.cfg.default_padding_side = "left"
 
@@ -480,10 +524,12 @@ def load_model(
             target, device=device_str, dtype=torch_dtype, revision=revision, hf_model=hf_model,
             **placement_kwargs,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as e:
+        hint = (" (a weights file is truncated or damaged: download or convert the checkpoint again)"
+                if isinstance(e, SafetensorError) else "")
         raise ModelLoadError(
             f"failed to load model {_describe(name, target)} with "
-            f"TransformerBridge.boot_transformers: {e}"
+            f"TransformerBridge.boot_transformers: {e}{hint}"
         ) from e
     model.eval()
     use_checkpoint_tokenizer(model, target, revision)

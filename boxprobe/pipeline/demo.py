@@ -31,6 +31,7 @@ from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_id, mo
 from boxprobe.behaviour.scoring import accuracy_by_numops
 from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 from boxprobe.errors import MissingFileError
+from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_run_dir
 
 logger = logging.getLogger(__name__)
 STAGES = ("behaviour", "probes", "attention", "patching", "dashboard")
@@ -77,7 +78,7 @@ def behaviour_stage(models: dict, queries: dict[str, QuerySet], out: Path, batch
         result.save(out / "behaviour" / safe_name(name))
         tables.append(accuracy_by_numops(result.frame).assign(model=name))
     frame = pd.concat(tables, ignore_index=True)
-    frame.to_csv(out / "behaviour.csv", index=False)
+    atomic_write_csv(frame, out / "behaviour.csv")
     return frame
 
 
@@ -99,7 +100,7 @@ def attention_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_que
         raw = attention_to_roles(model, queries[name][:n_queries], AttentionConfig(batch_size=batch_size))
         frames.append(attention_heads_table(aggregate_attention(raw)))
     frame = pd.concat(frames, ignore_index=True)
-    frame.to_csv(out / "attention_heads.csv", index=False)
+    atomic_write_csv(frame, out / "attention_heads.csv")
     return frame
 
 
@@ -117,19 +118,23 @@ def patching_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_pair
     logger.info("patching pairs: %s", stats)
     batch = collate_pairs(pairs, base.tokenizer.pad_token_id, base.cfg.device)
     loop = {"max_batch": batch_size, "progress": False}
-    patch_resid_pre(base, batch, **loop).assign(model=base_name).to_csv(out / "patching_resid.csv", index=False)
+    atomic_write_csv(patch_resid_pre(base, batch, **loop).assign(model=base_name), out / "patching_resid.csv")
     heads = patch_heads(base, batch, positions="query_last", **loop).assign(model=base_name)
-    heads.to_csv(out / "patching_heads.csv", index=False)
+    atomic_write_csv(heads, out / "patching_heads.csv")
     if others:
         donor_name, donor = others[0]
         top = heads.nlargest(4, "value")
         groups = {"top-4 heads of " + base_name: [(int(r.layer), int(r.head)) for r in top.itertuples()]}
         cmap = cross_model_patch(base, donor, batch, groups, **loop)
-        cmap.assign(recipient=base_name, donor=donor_name).to_csv(out / "cmap.csv", index=False)
+        atomic_write_csv(cmap.assign(recipient=base_name, donor=donor_name), out / "cmap.csv")
 
 
-def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
-    """Run the configured stages into ``cfg.out_dir``; returns the dashboard path (or the run dir)."""
+def run_demo(cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> Path:
+    """Run the configured stages into ``cfg.out_dir``; returns the dashboard path (or the run dir).
+
+    The run directory is claimed before any model loads (:mod:`boxprobe.pipeline.rundir`): another
+    run's directory is refused unless ``overwrite``, which replaces that run as a whole; the same
+    config (any subset of its stages) reruns into its own directory."""
     # Checked before anything is written: from a wheel the bundled models are absent.
     missing = [Path(m).name for m in cfg.models if str(m).startswith(str(BUNDLED_MODELS_DIR)) and not Path(m).exists()]
     if missing:
@@ -137,8 +142,13 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> Path:
             f"The bundled toy model(s) {', '.join(missing)} are not in {BUNDLED_MODELS_DIR}: they ship in assets/models "
             "of the boxprobe source repository, not in the installed package. Run the demo from a clone of the "
             "repository, or name other models (DemoConfig.models, --models on the command line).")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Stages, threads and batch size do not change what a stage writes: a rerun of some stages is the same run.
+    signature = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "stages", "threads", "batch_size")}
+    with claim_run_dir(cfg.out_dir, "demo", signature, overwrite=overwrite):
+        return _run_demo(cfg, Path(cfg.out_dir))
+
+
+def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
@@ -188,4 +198,4 @@ def _write_run_info(cfg: DemoConfig, models: dict, timings: dict, out: Path) -> 
         "hardware": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                     f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
     }
-    (out / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str) + "\n")

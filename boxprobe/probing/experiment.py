@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,7 +40,8 @@ from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.probing.interventions import object_directions_from_cache, probe_causal_check, summarize_causal_check
 from boxprobe.data.labels import states_from_context
 from boxprobe.data.queries import QuerySet, prepare, resolve_spec
-from boxprobe.models.loading import load_model, model_id, model_info
+from boxprobe.models.loading import load_model, model_id, model_info, model_n_layers
+from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_run_dir
 from boxprobe.probing.metrics import (
     bootstrap_difference,
     contents_labels,
@@ -52,7 +54,7 @@ from boxprobe.probing.metrics import (
     split_by_group,
 )
 from boxprobe.data.positions import LABEL_RE, label_box
-from boxprobe.probing.probes import LayerwiseMultiLabelProbe, select_C
+from boxprobe.probing.probes import LayerwiseMultiLabelProbe, check_Cs, select_C
 from boxprobe.data.task import load_vocabulary, read_examples
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,32 @@ class ProbeExperimentConfig:
             raise ConfigError("ProbeExperimentConfig needs at least one model.")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1 (or null for every query), got {self.limit}.")
+        check_Cs(self.Cs)
+        if len(self.split) != 3 or not all(math.isfinite(f) and f > 0 for f in self.split) \
+                or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"split must be three fractions > 0 (train, validation, test) that sum to 1, "
+                              f"got {list(self.split)}.")
+        if self.n_boot < 1:
+            raise ConfigError(f"n_boot must be >= 1, got {self.n_boot}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError(f"layers must be block indices >= 0 (or null for every layer), got {self.layers}.")
+        if self.causal_check_layer is not None:
+            if self.causal_check_layer < 0:
+                raise ConfigError(f"causal_check_layer must be >= 0, got {self.causal_check_layer}.")
+            if self.layers is not None and self.causal_check_layer not in self.layers:
+                raise ConfigError(f"causal_check_layer {self.causal_check_layer} is not among the cached layers "
+                                  f"{list(self.layers)}; add it to layers.")
+
+    def check_models(self) -> None:
+        """Layer indices against each model's ``config.json`` (read without loading weights)."""
+        asked = sorted({*(self.layers or ()), *(() if self.causal_check_layer is None else (self.causal_check_layer,))})
+        for name in self.models:
+            n = model_n_layers(name)
+            if n is not None and asked and asked[-1] >= n:
+                raise ConfigError(f"layer {asked[-1]} (layers / causal_check_layer) does not exist in model {name!r}, "
+                                  f"which has layers 0..{n - 1} by its config.json.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProbeExperimentConfig":
@@ -229,10 +257,12 @@ class ProbeExperiment:
     """Runs the stages of a :class:`ProbeExperimentConfig`; see the module docstring."""
 
     def __init__(self, cfg: ProbeExperimentConfig, models: Sequence | None = None,
-                 queries: Sequence[QuerySet | None] | None = None):
+                 queries: Sequence[QuerySet | None] | None = None, overwrite: bool = False, repair: bool = False):
         """``models`` (optional): loaded models standing for ``cfg.models`` in order, each loaded once by the
-        caller; ``queries`` (optional): a prepared query set per model (None entries are prepared here)."""
+        caller; ``queries`` (optional): a prepared query set per model (None entries are prepared here).
+        ``overwrite`` replaces another run in ``cfg.out_dir``; ``repair`` rebuilds damaged caches."""
         self.cfg = cfg
+        self.overwrite, self.repair = overwrite, repair
         self.out = Path(cfg.out_dir)
         self.vocab = load_vocabulary("objects")
         if models is not None and len(models) != len(cfg.models):
@@ -250,9 +280,19 @@ class ProbeExperiment:
         return load_model(source, device=self.cfg.device, random_init=random_init, seed=self.cfg.seed)
 
     def run(self) -> ProbeRun:
+        """Check the config and data, claim ``out_dir`` (:mod:`boxprobe.pipeline.rundir`), all before any
+        model loads; then run every stage."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.models is None:
+            cfg.check_models()
         examples = read_examples(cfg.data)
+        # Settings that do not change results may differ between a run and its resumption.
+        signature = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device", "batch_size")}
+        with claim_run_dir(self.out, "probe", signature, overwrite=self.overwrite):
+            return self._run(examples)
+
+    def _run(self, examples) -> ProbeRun:
+        cfg = self.cfg
         accuracy, heat, correct_by, causal = [], [], {}, []
         self.names: list[str] = []
         self.layer_of: dict[str, dict[int, int]] = {}
@@ -283,10 +323,10 @@ class ProbeExperiment:
         difference = self._differences(correct_by)
         for frame, file in ((accuracy, "probe_accuracy.csv"), (heat, "probe_heatmap.csv"),
                             (selectivity, "selectivity.csv"), (difference, "model_difference.csv")):
-            frame.to_csv(self.out / file, index=False)
+            atomic_write_csv(frame, self.out / file)
         if causal:
-            pd.concat(causal, ignore_index=True).to_csv(self.out / "causal_check.csv", index=False)
-        (self.out / "probe_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            atomic_write_csv(pd.concat(causal, ignore_index=True), self.out / "causal_check.csv")
+        atomic_write_text(self.out / "probe_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         return ProbeRun(self.out, accuracy, heat, selectivity, difference)
 
     def _cache(self, model, examples, label: str, queries: QuerySet | None):
@@ -298,7 +338,8 @@ class ProbeExperiment:
         cache_cfg = CacheConfig(hooks=(cfg.hook,), roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size,
                                 layers=cfg.layers)
         # Model ids are file-name safe and differ between checkpoints that share a directory name.
-        reader = build_cache(model, queries, self.out / "cache" / label, cache_cfg, data_hash=file_sha256(cfg.data))
+        reader = build_cache(model, queries, self.out / "cache" / label, cache_cfg, data_hash=file_sha256(cfg.data),
+                             repair=self.repair)
         X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
         return meta, X, [it.query.examples[0].context for it in queries], reader, queries

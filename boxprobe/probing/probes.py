@@ -52,7 +52,20 @@ def _check_X(X, n_layers: int | None = None) -> Array:
                          "for a single layer pass X[:, None, :].")
     if n_layers is not None and X.shape[1] != n_layers:
         raise ArgumentError(f"X has {X.shape[1]} layers but the probe was fitted on {n_layers}.")
+    check_finite(X, "X")
     return X
+
+
+def check_finite(X: Array, name: str = "X") -> None:
+    """A DataError naming the rows and layers of ``X`` [n_items, n_layers, ...] that hold NaN or inf:
+    a probe would fit NaN coefficients on them, or score them as negatives."""
+    finite = torch.isfinite(X) if isinstance(X, torch.Tensor) else np.isfinite(X)
+    finite = to_numpy(finite.reshape(X.shape[0], X.shape[1], -1).all(-1))
+    if not finite.all():
+        rows, layers = np.nonzero(~finite)
+        raise DataError(f"{name} holds non-finite values (NaN or inf) in {len(np.unique(rows))} row(s) "
+                        f"{np.unique(rows)[:5].tolist()} at layer(s) {np.unique(layers)[:10].tolist()}; "
+                        "drop those rows or rebuild the activations they came from.")
 
 
 def _layer_block(X: Array, sl: slice, device, dtype) -> Float[torch.Tensor, "layer n_items d_model"]:
@@ -91,8 +104,8 @@ class _LayerwiseBase(BaseEstimator):
     def _l2(self, n_layers: int, sw_sum: torch.Tensor) -> torch.Tensor:
         """Penalty strength [L, K, 1] from C (or l2), scalar or per layer, and the weight sums [K] of each output."""
         value = np.broadcast_to(np.asarray(self.C if self.l2 is None else self.l2, dtype=float), (n_layers,))
-        if (value <= 0).any() if self.l2 is None else (value < 0).any():
-            raise ConfigError(f"C must be positive and l2 non-negative; got C={self.C!r}, l2={self.l2!r}.")
+        if not np.isfinite(value).all() or ((value <= 0).any() if self.l2 is None else (value < 0).any()):
+            raise ConfigError(f"C must be positive and finite, l2 non-negative and finite; got C={self.C!r}, l2={self.l2!r}.")
         value = torch.as_tensor(value.copy(), dtype=sw_sum.dtype, device=sw_sum.device)[:, None, None]
         if self.l2 is not None:
             return value.expand(n_layers, sw_sum.shape[0], 1)
@@ -123,6 +136,11 @@ class _LayerwiseBase(BaseEstimator):
             n_iters.append(to_numpy(n_iter))
         self.coef_ = np.concatenate(coefs)
         self.mean_ = np.concatenate(means)
+        bad = ~(np.isfinite(self.coef_).all((1, 2)) & np.isfinite(np.concatenate(intercepts)).all(1))
+        if bad.any():
+            raise DataError(f"The probe fit gave non-finite coefficients at layer(s) {np.flatnonzero(bad).tolist()}: the "
+                            f"features are too large for {dtype} (max |x| = {float(np.abs(to_numpy(X)).max()):.3g}). "
+                            "Pass standardize=True or dtype='float64', or check the activations.")
         # The solver's intercept is for centred features; the raw-feature intercept subtracts mean . coef.
         self.intercept_ = np.concatenate(intercepts) - np.einsum("lkd,ld->lk", self.coef_, self.mean_)
         self.n_iter_ = np.concatenate(n_iters)
@@ -235,6 +253,11 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
         M = torch.ones_like(T) if mask is None else torch.as_tensor(to_numpy(mask).astype(bool), device=device)
         if M.shape != T.shape:
             raise ArgumentError(f"mask must have Y's shape {tuple(T.shape)}, got {tuple(M.shape)}.")
+        counted = T[M.bool()]
+        if len(counted) and bool((counted == counted[0]).all()):
+            raise DataError(f"Every counted target cell is {'positive' if bool(counted[0]) else 'negative'} (e.g. every "
+                            "box is empty): a probe has nothing to learn, and the task, control and majority scores "
+                            "would all be 1.0. Check the data file.")
         T, M = T.T.to(dtype), M.T.to(dtype)  # [O, n]
         sw = M.clone()
         if self.class_weight == "balanced":
@@ -267,6 +290,17 @@ class LayerwiseMultiLabelProbe(_LayerwiseBase):
         return (correct * M[:, None, :]).sum((0, 2)) / max(M.sum(), 1)
 
 
+def check_Cs(Cs: Sequence[float]) -> list[float]:
+    """``Cs`` sorted, after checking there is at least one and each is a finite number > 0."""
+    try:
+        values = sorted(float(c) for c in Cs)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Cs must be a list of numbers > 0, got {Cs!r}.") from None
+    if not values or not all(np.isfinite(c) and c > 0 for c in values):
+        raise ConfigError(f"Cs must be a non-empty list of finite numbers > 0 (e.g. [0.01, 0.1, 1.0]), got {list(Cs)!r}.")
+    return values
+
+
 class SelectedC(NamedTuple):
     C: np.ndarray  # chosen C per layer [n_layers] (all equal when selected globally)
     scores: pd.DataFrame  # columns C, layer, val_score
@@ -283,7 +317,7 @@ def select_C(
     for multi-label targets. Ties go to the smallest C (the strongest regularisation).
     """
     base = estimator if estimator is not None else LayerwiseLogisticProbe()
-    Cs = sorted(float(c) for c in Cs)
+    Cs = check_Cs(Cs)
     fit_kw = {} if mask_train is None else {"mask": mask_train}
     score_kw = {} if mask_val is None else {"mask": mask_val}
     rows = []

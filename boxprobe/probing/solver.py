@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float
 
-from boxprobe.errors import ConfigError
+from boxprobe.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -366,6 +366,14 @@ def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol
     n_iter [L])."""
     L, _, d = rotated.R.shape
     K = lt.targets.shape[0]
+    # Checked here too, for callers that build LogisticTargets themselves: NaN would pass every comparison.
+    if not bool(torch.isfinite(lt.l2).all()) or bool((lt.l2 < 0).any()):
+        raise ConfigError("The penalty l2 (1 / (C * n)) must be finite and >= 0; pass C > 0 and finite.")
+    if not bool(torch.isfinite(rotated.R).all()):
+        raise DataError("The probe's features hold NaN or inf (after centring: values too large for the dtype?); "
+                        "check the activations, or pass standardize=True or dtype='float64'.")
+    if not (max_iter >= 1 and tol >= 0 and (solver != "adam" or lr > 0)):
+        raise ConfigError(f"max_iter must be >= 1, tol >= 0 and lr > 0; got max_iter={max_iter}, tol={tol}, lr={lr}.")
     objective = _Objective(rotated.R, rotated.U, rotated.var, lt.targets, lt.weights, lt.l2, lt.softmax)
     theta = rotated.R.new_zeros(objective.n_problems, (K if lt.softmax else 1) * (d + 1))
     with torch.no_grad():

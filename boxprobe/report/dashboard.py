@@ -25,6 +25,7 @@ when its file exists, a section with no files shows a one-line "not run" note):
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import html
 import json
@@ -140,7 +141,9 @@ def write_dashboard(sections: list[Section], path: str | Path, title: str = "box
         f"<nav>{''.join(toc)}</nav></header>", '<div id="bp-js-errors"></div>',
         *body, "</body>", "</html>",
     ])
-    path.write_text(page, encoding="utf-8")
+    from boxprobe.pipeline.rundir import atomic_write_text
+
+    atomic_write_text(path, page)
     logger.info("wrote dashboard with %d figures to %s", n_fig, path)
     return path
 
@@ -172,6 +175,18 @@ def _read_csv(path: Path) -> pd.DataFrame:
                          f"{', '.join(RUN_FILES[path.name])} (see boxprobe.report.dashboard docstring)")
     if df.empty:
         raise DataError(f"{path}: the file has a header but no rows; delete it or re-run the step")
+    # pandas pads a short row with NaN, so a file cut mid-row would plot silently: count the fields.
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        for lineno, row in enumerate(csv.reader(f), start=1):
+            if row and len(row) != len(df.columns):
+                raise DataError(f"{path}:{lineno}: {len(row)} fields where the header has {len(df.columns)}; the file "
+                                "is cut or malformed. Re-run the step that writes it, or delete it.")
+    for col in ("layer", "head"):
+        if col in df.columns:
+            bad = df[col].notna() & pd.to_numeric(df[col], errors="coerce").isna()
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                raise DataError(f"{path}:{row + 2}: column {col!r} must be a number, got {df[col].iloc[row]!r}.")
     return df
 
 
