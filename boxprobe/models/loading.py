@@ -339,7 +339,7 @@ def setup_tokenizer_for_batching(model: TransformerBridge) -> None:
         if fallback is None:
             raise ModelLoadError(
                 f"model {model.cfg.model_name!r}: tokenizer has no pad, eos or bos token to pad "
-                "batches with; add a pad token to the tokenizer"
+                "batches with; set pad_token (and bos_token, eos_token) in the checkpoint's tokenizer_config.json"
             )
         tok.pad_token = fallback
     # transformers fills a missing special token with "<|endoftext|>"; in a vocabulary without it, that is
