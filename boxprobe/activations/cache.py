@@ -43,6 +43,7 @@ from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_r
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
 from boxprobe.errors import ArgumentError, BoxprobeError, DataError, MissingFileError, MissingKeyError
+from boxprobe.files import file_sha256  # noqa: F401  (re-exported: callers hash data files)
 
 logger = logging.getLogger(__name__)
 
@@ -368,15 +369,6 @@ def _complete_shards(directory: Path) -> set[int]:
         if not meta.with_suffix(".safetensors").exists():
             meta.unlink()  # the safetensors file is renamed last, so this shard never finished
     return {int(p.stem.split("-")[1]) for p in directory.glob("shard-*.jsonl")}
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a data file, for ``build_cache(data_hash=...)``."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig, data_hash: str | None = None,

@@ -11,7 +11,6 @@ a cache directory keyed by the file's sha256 (`gguf_cache_root`), reused by late
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from boxprobe.models.loading import METADATA_FILE, ModelLoadError, check_checkpoint_dir
+from boxprobe.files import file_sha256  # noqa: F401  (re-exported: callers hash data files)
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,6 @@ def _gguf_module():
             "reading GGUF files needs the gguf package: pip install gguf"
         ) from e
     return gguf
-
-
-def file_sha256(path: str | Path) -> str:
-    """The full sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(2**24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gguf_cache_root() -> Path:
