@@ -40,7 +40,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
-        device=args.device, dtype=args.dtype, batch_size=args.batch_size, method=args.method)
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, method=args.method,
+        constrained=args.constrained)
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", choices=("per-box", "all-boxes"), default=None,
                     help="prompt format (default: the checkpoint's recorded format, else per-box)")
     ev.add_argument("--template", default=None, help="prompt template name or JSON file (default: the checkpoint's, else default)")
-    ev.add_argument("--method", choices=("fast", "generate", "both"), default="fast",
-                    help="fast: one teacher-forced pass per query (exact match); generate: greedy decoding")
+    ev.add_argument("--method", choices=("greedy", "fast", "generate", "both"), default="greedy",
+                    help="greedy: greedy decoding's answers, speculatively; fast: exact match in one pass; generate: plain greedy")
+    ev.add_argument("--constrained", action="store_true", help="regex-constrained greedy decoding (Kim et al. 2024)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries")
     ev.add_argument("--device", default=None)
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))

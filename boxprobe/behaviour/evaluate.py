@@ -1,4 +1,14 @@
-"""Behavioural accuracy on the boxes task: batched greedy generation and a one-pass exact-match path.
+"""Behavioural accuracy on the boxes task: greedy decoding's answers, scored with the set rule.
+
+``method="greedy"`` (the default) returns exactly the tokens greedy decoding produces, at about the
+cost of one teacher-forced pass: speculative decoding with the gold answer as the draft, continued
+only where greedy leaves the gold, over a key-value cache shared by the whole run (instruction and
+demonstrations), by each context (its description) and by nothing else (see
+:mod:`boxprobe.behaviour.speculative`). ``summary["tokens"]`` compares the positions it computed with
+what a per-prompt greedy run computes. ``constrained=True`` restricts every greedy step to tokens
+that keep the statement a prefix of a match of the template's regular expression, the protocol of
+Kim, Schuster & Toshniwal (2024) (:mod:`boxprobe.behaviour.constrained`). ``summary["protocol"]``
+records template, format and decoding.
 
 ``method="generate"`` decodes greedily (left-padded batches with an explicit attention mask) until a
 token holding "." or a newline, EOS, or ``max_new_tokens``; predictions are scored with the set rule
@@ -48,6 +58,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.config import check_choice
+from boxprobe.behaviour.constrained import constraint_for, statement_regex
 from boxprobe.behaviour.decoding import (
     EncodedQuery,
     batches_by_context,
@@ -58,14 +69,15 @@ from boxprobe.behaviour.decoding import (
     kv_cache_works,
     stop_ids,
 )
+from boxprobe.behaviour.speculative import SharedPrefix, TokenCount, count_per_prompt, greedy_batch
 from boxprobe.models.loading import load_model, model_context_length, model_info, model_label
 from boxprobe.data.prompts import PromptTemplate, build_queries, load_template
 from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
 from boxprobe.data.task import OPERATION_KINDS, Example, read_examples
 
 logger = logging.getLogger(__name__)
-Method = Literal["fast", "generate", "both"]
-METHODS = ("fast", "generate", "both")
+Method = Literal["greedy", "fast", "generate", "both"]
+METHODS = ("greedy", "fast", "generate", "both")
 NUMOPS_KEYS = range(8)
 
 
@@ -96,7 +108,7 @@ class EvalResult:
         (lo, hi), n_all = s["accuracy_ci"], s["n_examples"]
         lines.append(f"{'all':>6} {n_all:>6} {fmt(s['accuracy']):>9}  [{fmt(lo)}, {fmt(hi)}]")
         lines.append(f"state accuracy {fmt(s['state_accuracy'])}  ({s['method']}, {s['prompt_format']}, "
-                     f"template {s['template']}, {s['model']})")
+                     f"template {s['template']}, {s['protocol']['decoding']}, {s['model']})")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> None:
@@ -205,20 +217,43 @@ def _check_lengths(items: list[EncodedQuery], n_ctx: int, label: str, template: 
                 "none), a shorter instruction, or data with fewer operations.", ex)
 
 
+def _constraint(template: PromptTemplate, items: list[EncodedQuery], tokenizer):
+    """The regex automaton and each item's start state (after the statement opening the prompt holds)."""
+    def pattern(q):
+        if template.answer_regex:
+            return template.answer_regex
+        label = q.examples[0].statement_prefix.rsplit(" ", 2)[0]
+        boxes = [ex.box for ex in q.examples] if q.prompt_format == "all-boxes" else None
+        return statement_regex(template.statement_prefix, label, boxes)
+    patterns = {pattern(it.query) for it in items}
+    if len(patterns) > 1:
+        raise ValueError(f"constrained decoding needs one regular expression per run; these queries need {len(patterns)} "
+                         "(all-boxes states with different boxes). Set the template's answer_regex.")
+    constraint = constraint_for(patterns.pop(), tokenizer)
+    starts = [constraint.start(template.statement_prefix + it.query.examples[0].statement_prefix) for it in items]
+    return constraint, starts
+
+
 def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template: str | Path | PromptTemplate | None = None,
-             prompt_format: str | None = None, method: Method = "fast", batch_size: int = 16, chat: bool = False,
+             prompt_format: str | None = None, method: Method = "greedy", constrained: bool = False,
+             batch_size: int = 16, chat: bool = False,
              limit: int | None = None, max_new_tokens: int | None = None, reuse_context: bool | None = None,
              kv_cache: bool | None = None, progress: bool = True, partial_path: str | Path | None = None) -> EvalResult:
     """Evaluate a loaded model on boxes examples; one row per example in ``result.frame``.
 
     ``template`` and ``prompt_format`` default to those recorded in the checkpoint's boxprobe.json,
-    else "default" and "per-box". ``limit`` keeps the first N queries (an all-boxes query is one
+    else "default" and "per-box". ``method``: "greedy" (greedy decoding's exact answers, cheaply), "generate"
+    (plain batched greedy decoding, same answers), "fast" (token exact match from one pass), "both"
+    (fast and generate side by side). ``constrained`` restricts greedy decoding to the template's
+    ``answer_regex`` (derived from the format if empty). ``limit`` keeps the first N queries (an all-boxes query is one
     state). ``max_new_tokens`` defaults to the longest gold answer plus 8 tokens. ``kv_cache`` (None:
     when :func:`kv_cache_works`) lets generation decode incrementally; ``reuse_context`` (None: when the
     cache is used) runs each context's shared prefix once. If a batch fails, the rows computed so far
     are written to ``partial_path`` before the error is re-raised.
     """
     check_choice("method", method, METHODS)
+    if constrained and method == "fast":
+        raise ValueError("constrained=True needs decoding: method 'greedy', 'generate' or 'both', not 'fast'.")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be >= 1, got {batch_size} and {limit}.")
     if not examples:
@@ -237,16 +272,26 @@ def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template:
     if (kv_cache or reuse_context) and not use_cache:
         logger.warning("the key-value cache of %s is off or gives wrong logits; evaluating without it.", label)
     reuse = use_cache and reuse_context is not False
+    constraint, cstates = _constraint(template, items, tok) if constrained else (None, [None] * len(items))
+    state_of = {id(it): s for it, s in zip(items, cstates)}
+    counts = TokenCount()
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(items), desc=f"eval {method}", unit="query", disable=not progress)
     try:
         with torch.inference_mode(), cache_keyword_fix(model):
+            shared = SharedPrefix(model, items, counts, reuse) if use_cache and method == "greedy" else None
             for batch in batches_by_context(items, batch_size):
                 flat = [it for c in batch for it in c]
-                tops = fast_batch(model, batch, reuse, pad_id) if method != "generate" else [None] * len(flat)
-                gens = (generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops)
-                        if method != "fast" else [None] * len(flat))
+                states = [state_of[id(it)] for it in flat]
+                tops = fast_batch(model, batch, reuse, pad_id) if method in ("fast", "both") else [None] * len(flat)
+                if method == "greedy":
+                    gens = greedy_batch(model, batch, shared, reuse, pad_id, max_new_tokens, stops, counts, constraint, states)
+                    count_per_prompt(flat, gens, counts)
+                elif method != "fast":
+                    gens = generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops, constraint, states)
+                else:
+                    gens = [None] * len(flat)
                 for it, h, g in zip(flat, tops, gens):
                     query = rows[-1]["query"] + 1 if rows else 0
                     rows += [{"query": query, **r} for r in _rows(it, method, h, g, tok, stops)]
@@ -269,14 +314,21 @@ def evaluate(model: TransformerBridge, examples: Sequence[Example], *, template:
             "n_queries": len(items), "batch_size": batch_size, "context_reuse": reuse, "kv_cache": use_cache,
             "max_new_tokens": max_new_tokens if method != "fast" else None, "n_ctx": n_ctx,
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
-            "elapsed_s": round(time.perf_counter() - started, 3)}
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "protocol": {"template": template.name, "template_reference": template.reference or "ours (boxprobe)",
+                         "format": prompt_format,
+                         "decoding": "token exact match (teacher-forced)" if method == "fast" else
+                         ("greedy, regex-constrained" if constrained else "greedy"),
+                         "regex": constraint.pattern if constraint is not None else None},
+            "tokens": {"computed": counts.computed, "per_prompt_run": counts.per_prompt,
+                       "ratio": None if counts.ratio is None else round(counts.ratio, 3)} if method == "greedy" else None}
     return EvalResult(frame, _summary(frame, meta))
 
 
 def evaluate_file(model_name_or_path_or_model: str | Path | TransformerBridge, data_path: str | Path,
                   out_dir: str | Path, *, prompt_format: str | None = None, template: str | Path | None = None,
                   limit: int | None = None, device: str | None = None, dtype: str | None = None, batch_size: int = 16,
-                  method: Method = "fast", chat: bool = False, **kwargs: Any) -> EvalResult:
+                  method: Method = "greedy", chat: bool = False, **kwargs: Any) -> EvalResult:
     """Load the model (unless given one) and a JSONL file, evaluate, and write ``out_dir/summary.json`` and
     ``out_dir/results.csv``. Extra keyword arguments go to :func:`evaluate`."""
     examples = read_examples(data_path)  # before loading: a bad file should not wait for a large model
