@@ -117,10 +117,13 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str,
     return ids.to(device), mask.to(device)
 
 
-def forward_logits(model, ids, mask, cache=None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+def forward_logits(model, ids, mask, cache=None, keep: int | None = None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+    """Logits (of the last ``keep`` positions only, if given: the unembedding is a large share of a small
+    model's cost) and the key-value cache, created or extended."""
+    extra = {} if keep is None else {"logits_to_keep": keep}
     if cache is None:
-        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
-    return model(ids, attention_mask=mask, past_key_values=cache), cache
+        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True, **extra)
+    return model(ids, attention_mask=mask, past_key_values=cache, **extra), cache
 
 
 def kv_cache_works(model: TransformerBridge, tokens: Sequence[int]) -> bool:

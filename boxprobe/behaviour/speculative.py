@@ -56,7 +56,7 @@ class SharedPrefix:
         self.length, self.cache = max(n, 0) if enabled else 0, None
         if self.length:
             ids = torch.tensor([first[: self.length]], device=model.cfg.device)
-            _, self.cache = forward_logits(model, ids, torch.ones_like(ids))
+            _, self.cache = forward_logits(model, ids, torch.ones_like(ids), keep=1)
             counts.computed += self.length
 
     def expand(self, rows: int):
@@ -106,9 +106,9 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
             mmask[[i for i, m in enumerate(mids) if not m]] = 0
             pmask = torch.cat([pmask, mmask], 1)
             if cache is None:
-                _, cache = forward_logits(model, ids, pmask)
+                _, cache = forward_logits(model, ids, pmask, keep=1)
             else:
-                forward_logits(model, ids, pmask, cache)
+                forward_logits(model, ids, pmask, cache, keep=1)
             counts.computed += ids.numel()
         rows_of = [ci for ci, c in enumerate(chunks) for _ in c]
         if cache is not None:
@@ -117,18 +117,21 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
         p_of = [p for c, p in zip(chunks, plen) for _ in c]
         ids, smask = pad_rows([it.prompt[p:] + it.gold[:f] for it, p, f in zip(items, p_of, fed)], pad_id, "right", device)
         mask = torch.cat([pmask, smask], 1)
-        if cache is None:
-            logits, cache = forward_logits(model, ids, mask)
-        else:
-            logits, _ = forward_logits(model, ids, mask, cache)
         starts = [len(it.prompt) - p - 1 for it, p in zip(items, p_of)]
+        keep = ids.shape[1] - min(starts)  # logits only from the first prediction of a gold token on
+        if cache is None:
+            logits, cache = forward_logits(model, ids, mask, keep=keep)
+        else:
+            logits, _ = forward_logits(model, ids, mask, cache, keep=keep)
         offset = pmask.shape[1]
     else:
         cache = None
         ids, mask = pad_rows([it.prompt + it.gold[:f] for it, f in zip(items, fed)], pad_id, "left", device)
-        logits = model(ids, attention_mask=mask)
         starts = [ids.shape[1] - f - 1 for f in fed]
+        keep = ids.shape[1] - min(starts)
+        logits = model(ids, attention_mask=mask, logits_to_keep=keep)
     counts.computed += ids.numel()
+    shift = ids.shape[1] - keep  # column of logits[:, 0] in the row
     top = logits.argmax(-1).tolist()
 
     # 2. Accept the draft up to the first disagreement; the argmax there is greedy's own next token.
@@ -139,7 +142,7 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
         for t in range(fed[i] + 1):
             if finished:
                 break
-            pos = starts[i] + t
+            pos = starts[i] + t - shift
             tok = _pick(logits[i, pos], top[i][pos], constraint, state)
             if tok is None:  # nothing the constraint allows: greedy cannot continue either
                 finished = True
@@ -168,11 +171,11 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
         if cache is not None:
             step = torch.tensor([[out[i][-1]] for i in active], device=device)
             mask = torch.cat([mask, torch.ones_like(step)], 1)
-            logits, _ = forward_logits(model, step, mask, cache)
+            logits, _ = forward_logits(model, step, mask, cache, keep=1)
             counts.computed += step.numel()
         else:
             ids, mask = pad_rows([items[i].prompt + out[i] for i in active], pad_id, "left", device)
-            logits = model(ids, attention_mask=mask)
+            logits = model(ids, attention_mask=mask, logits_to_keep=1)
             counts.computed += ids.numel()
         last = logits[:, -1]
         nxt = last.argmax(-1).tolist()
