@@ -58,7 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_file(
         args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
         device=args.device, dtype=args.dtype, chat=args.chat, overwrite=args.overwrite,
-        config=EvalConfig(batch_size=args.batch_size, method=args.method))
+        config=EvalConfig(batch_size=args.batch_size, method=args.method, constrained=args.constrained))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="wrap each prompt in the tokenizer's chat template, for instruct models (default: as the "
                          "checkpoint's boxprobe.json records, else no)")
-    ev.add_argument("--method", choices=("fast", "generate", "both"), default="fast",
-                    help="fast: one teacher-forced pass per query (exact match); generate: greedy decoding")
+    ev.add_argument("--method", choices=("greedy", "fast", "generate", "both"), default="greedy",
+                    help="greedy: greedy decoding's answers, speculatively; fast: exact match in one pass; "
+                         "generate: plain greedy")
+    ev.add_argument("--constrained", action="store_true", help="regex-constrained greedy decoding (Kim et al. 2024)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))

@@ -212,7 +212,7 @@ def test_cli_eval_uses_checkpoint_template(toy_dir, data_file, tmp_path, capsys)
     assert main(["eval", "--model", str(toy_dir), "--data", str(data_file), "--out", str(out), "--limit", "14",
                  "--batch-size", "7"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["template"] == "toy" and summary["n_queries"] == 14 and summary["method"] == "fast"
+    assert summary["template"] == "toy" and summary["n_queries"] == 14 and summary["method"] == "greedy"
     assert "state accuracy" in capsys.readouterr().out
 
 
@@ -249,6 +249,7 @@ def test_too_long_prompt_fails_before_any_batch(tmp_path, examples, monkeypatch)
     def no_batches(*args, **kwargs):
         raise AssertionError("a batch ran before the length check")
     monkeypatch.setattr(ev, "fast_batch", no_batches)
+    monkeypatch.setattr(ev, "greedy_batch", no_batches)
     with pytest.raises(ContextLengthError) as err:
         evaluate_file(model, data, tmp_path / "out")
     msg = str(err.value)
@@ -259,14 +260,14 @@ def test_too_long_prompt_fails_before_any_batch(tmp_path, examples, monkeypatch)
 
 
 def test_failed_batch_keeps_computed_rows(toy, data_file, tmp_path, monkeypatch):
-    real, calls = ev.fast_batch, []
+    real, calls = ev.greedy_batch, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
-    monkeypatch.setattr(ev, "fast_batch", flaky)
+    monkeypatch.setattr(ev, "greedy_batch", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="device lost"):
         evaluate_file(toy, data_file, out, config=EvalConfig(batch_size=7))

@@ -65,10 +65,13 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str,
     return ids.to(device), mask.to(device)
 
 
-def forward_logits(model, ids, mask, cache=None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+def forward_logits(model, ids, mask, cache=None, keep: int | None = None) -> tuple[Float[torch.Tensor, "batch pos d_vocab"], Any]:
+    """Logits (of the last ``keep`` positions only, if given: the unembedding is a large share of a small
+    model's cost) and the key-value cache, created or extended."""
+    extra = {} if keep is None else {"logits_to_keep": keep}
     if cache is None:
-        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
-    return model(ids, attention_mask=mask, past_key_values=cache), cache
+        return model(ids, attention_mask=mask, return_type="logits_and_cache", use_cache=True, **extra)
+    return model(ids, attention_mask=mask, past_key_values=cache, **extra), cache
 
 
 def kv_cache_works(model: TransformerBridge, tokens: Sequence[int]) -> bool:
@@ -133,8 +136,12 @@ def fast_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, pad_id: int
 
 
 def generate_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, use_cache: bool, pad_id: int,
-                   max_new_tokens: int, stops: set[int]) -> list[list[int]]:
-    """Greedy continuations, each up to and including its first stop token."""
+                   max_new_tokens: int, stops: set[int], constraint=None, states=None) -> list[list[int]]:
+    """Greedy continuations, each up to and including its first stop token.
+
+    With ``constraint`` (:class:`boxprobe.behaviour.constrained.RegexConstraint`, ``states`` its start state
+    per item) the argmax is over the allowed tokens, and a row also ends where the match cannot go on.
+    """
     items = [it for c in chunks for it in c]
     device, n_ctx = model.cfg.device, model_context_length(model)
     shared = shared_lengths(chunks, reuse and use_cache)
@@ -152,13 +159,26 @@ def generate_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, use_cac
     out: list[list[int]] = [[] for _ in items]
     done = [lim <= 0 for lim in limits]
     stop_t = torch.tensor(sorted(stops), device=device)
+    states = list(states) if states is not None else [None] * len(items)
     while True:
-        nxt = logits[:, -1].argmax(-1)
+        last = logits[:, -1]
+        if constraint is not None:
+            allowed = torch.stack([constraint.allowed(s) for s in states]).to(last.device)
+            last = last.masked_fill(~allowed, float("-inf"))
+            blocked = (~allowed.any(-1)).tolist()
+        nxt = last.argmax(-1)
         is_stop = torch.isin(nxt, stop_t).tolist()
         for i, tok in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(tok)
-                done[i] = is_stop[i] or len(out[i]) >= limits[i]
+            if done[i]:
+                continue
+            if constraint is not None and blocked[i]:  # nothing allowed: the match cannot go on
+                done[i] = True
+                continue
+            out[i].append(tok)
+            done[i] = is_stop[i] or len(out[i]) >= limits[i]
+            if constraint is not None:
+                states[i] = constraint.advance(states[i], tok)
+                done[i] = done[i] or constraint.finished(states[i])
         if all(done):
             return out
         step = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad_id), nxt)[:, None]

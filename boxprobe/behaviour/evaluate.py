@@ -1,4 +1,14 @@
-"""Behavioural accuracy on the boxes task: batched greedy generation and a one-pass exact-match path.
+"""Behavioural accuracy on the boxes task: greedy decoding's answers, scored with the set rule.
+
+``method="greedy"`` (the default) returns exactly the tokens greedy decoding produces, at about the
+cost of one teacher-forced pass: speculative decoding with the gold answer as the draft, continued
+only where greedy leaves the gold, over a key-value cache shared by the whole run (instruction and
+demonstrations), by each context (its description) and by nothing else (see
+:mod:`boxprobe.behaviour.speculative`). ``summary["tokens"]`` compares the positions it computed with
+what a per-prompt greedy run computes. ``constrained=True`` restricts every greedy step to tokens
+that keep the statement a prefix of a match of the template's regular expression, the protocol of
+Kim, Schuster & Toshniwal (2024) (:mod:`boxprobe.behaviour.constrained`). ``summary["protocol"]``
+records template, format and decoding.
 
 ``method="generate"`` decodes greedily (left-padded batches with an explicit attention mask) until a
 token holding "." or a newline, EOS, or ``max_new_tokens``; predictions are scored with the set rule
@@ -48,6 +58,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from boxprobe.config import ConfigError, check_choice
+from boxprobe.behaviour.constrained import constraint_for, statement_regex
 from boxprobe.behaviour.decoding import (
     batches_by_context,
     cache_keyword_fix,
@@ -56,6 +67,8 @@ from boxprobe.behaviour.decoding import (
     kv_cache_works,
     stop_ids,
 )
+from boxprobe.behaviour.speculative import SharedPrefix, TokenCount, count_per_prompt, greedy_batch
+from boxprobe.data.prompts import PromptTemplate
 from boxprobe.data.queries import ContextLengthError, EncodedQuery, QuerySet, prepare, resolve_spec
 from boxprobe.models.loading import load_model, model_id, model_info, model_label
 from boxprobe.behaviour.scoring import (accuracy_by_numops, accuracy_table, contents_match, split_all_boxes_statement,
@@ -63,8 +76,8 @@ from boxprobe.behaviour.scoring import (accuracy_by_numops, accuracy_table, cont
 from boxprobe.data.task import OPERATION_KINDS, read_examples
 
 logger = logging.getLogger(__name__)
-Method = Literal["fast", "generate", "both"]
-METHODS = ("fast", "generate", "both")
+Method = Literal["greedy", "fast", "generate", "both"]
+METHODS = ("greedy", "fast", "generate", "both")
 NUMOPS_KEYS = range(8)
 
 
@@ -91,7 +104,7 @@ class EvalResult:
                          f"{fmt(r.nothing_baseline)}")
         s = self.summary
         lines.append(f"state accuracy {fmt(s['state_accuracy'])}  ({s['method']}, {s['prompt_format']}, "
-                     f"template {s['template']}, {s['model']})")
+                     f"template {s['template']}, {s['protocol']['decoding']}, {s['model']})")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path) -> None:
@@ -187,8 +200,12 @@ def _summary(frame: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
 class EvalConfig:
     """How :func:`evaluate` decodes and batches; the prompt itself is fixed by the query set's spec."""
 
-    method: Method = "fast"
-    """``fast`` (teacher-forced exact match), ``generate`` (greedy decoding, set rule) or ``both``."""
+    method: Method = "greedy"
+    """``greedy`` (greedy decoding's own answers, speculatively with the gold as the draft; set rule),
+    ``generate`` (plain batched greedy decoding, same answers, slower), ``fast`` (teacher-forced token
+    exact match in one pass) or ``both`` (fast and generate side by side)."""
+    constrained: bool = False
+    """Restrict greedy decoding to the template's ``answer_regex`` (derived from the format if empty)."""
     batch_size: int = 16
     """Queries per forward pass."""
     max_new_tokens: int | None = None
@@ -204,8 +221,27 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        if self.constrained and self.method == "fast":
+            raise ConfigError("constrained=True needs decoding: method 'greedy', 'generate' or 'both', not 'fast'.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+
+
+def _constraint(template: PromptTemplate, items: list[EncodedQuery], tokenizer):
+    """The regex automaton and each item's start state (after the statement opening the prompt holds)."""
+    def pattern(q):
+        if template.answer_regex:
+            return template.answer_regex
+        label = q.examples[0].statement_prefix.rsplit(" ", 2)[0]
+        boxes = [ex.box for ex in q.examples] if q.prompt_format == "all-boxes" else None
+        return statement_regex(template.statement_prefix, label, boxes)
+    patterns = {pattern(it.query) for it in items}
+    if len(patterns) > 1:
+        raise ValueError(f"constrained decoding needs one regular expression per run; these queries need {len(patterns)} "
+                         "(all-boxes states with different boxes). Set the template's answer_regex.")
+    constraint = constraint_for(patterns.pop(), tokenizer)
+    starts = [constraint.start(template.statement_prefix + it.query.examples[0].statement_prefix) for it in items]
+    return constraint, starts
 
 
 def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = EvalConfig()) -> EvalResult:
@@ -228,16 +264,29 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
     if (cfg.kv_cache or cfg.reuse_context) and not use_cache:
         logger.warning("the key-value cache of %s is off or gives wrong logits; evaluating without it.", label)
     reuse = use_cache and cfg.reuse_context is not False
+    constraint, cstates = (_constraint(queries.spec.template, items, tok) if cfg.constrained
+                           else (None, [None] * len(items)))
+    state_of = {id(it): s for it, s in zip(items, cstates)}
+    counts = TokenCount()
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(items), desc=f"eval {cfg.method}", unit="query", disable=not cfg.progress)
     try:
         with torch.inference_mode(), cache_keyword_fix(model):
+            shared = SharedPrefix(model, items, counts, reuse) if use_cache and cfg.method == "greedy" else None
             for batch in batches_by_context(items, cfg.batch_size):
                 flat = [it for c in batch for it in c]
-                tops = fast_batch(model, batch, reuse, pad_id) if cfg.method != "generate" else [None] * len(flat)
-                gens = (generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops)
-                        if cfg.method != "fast" else [None] * len(flat))
+                states = [state_of[id(it)] for it in flat]
+                tops = fast_batch(model, batch, reuse, pad_id) if cfg.method in ("fast", "both") else [None] * len(flat)
+                if cfg.method == "greedy":
+                    gens = greedy_batch(model, batch, shared, reuse, pad_id, max_new_tokens, stops, counts, constraint,
+                                        states)
+                    count_per_prompt(flat, gens, counts)
+                elif cfg.method != "fast":
+                    gens = generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops, constraint,
+                                          states)
+                else:
+                    gens = [None] * len(flat)
                 for it, h, g in zip(flat, tops, gens):
                     query = rows[-1]["query"] + 1 if rows else 0
                     rows += [{"query": query, **r} for r in _rows(it, cfg.method, h, g, tok, stops)]
@@ -261,7 +310,15 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
             "n_queries": len(items), "batch_size": cfg.batch_size, "context_reuse": reuse, "kv_cache": use_cache,
             "max_new_tokens": max_new_tokens if cfg.method != "fast" else None, "n_ctx": queries.n_ctx,
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
-            "elapsed_s": round(time.perf_counter() - started, 3)}
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "protocol": {"template": spec.template.name,
+                         "template_reference": spec.template.reference or "ours (boxprobe)",
+                         "format": spec.format, "chat": spec.chat,
+                         "decoding": "token exact match (teacher-forced)" if cfg.method == "fast" else
+                         ("greedy, regex-constrained" if cfg.constrained else "greedy"),
+                         "regex": constraint.pattern if constraint is not None else None},
+            "tokens": {"computed": counts.computed, "per_prompt_run": counts.per_prompt,
+                       "ratio": None if counts.ratio is None else round(counts.ratio, 3)} if cfg.method == "greedy" else None}
     return EvalResult(frame, _summary(frame, meta))
 
 

@@ -60,6 +60,14 @@ class PromptTemplate:
     """Between the instruction and each demonstration."""
     demonstrations: tuple[Demonstration, ...] = ()
     """Solved examples, shown in order."""
+    query_separator: str | None = None
+    """Between the test description and its statement; None: ``line_separator``. Kim et al. (2024) render
+    none (their outlines template ends at the description and the regex makes the model write ``Statement:``)."""
+    answer_regex: str = ""
+    """Regular expression the statement (from ``statement_prefix`` on) must match under constrained decoding;
+    empty: derived from the format (one box, or every box in order, each ``( [a-zA-Z]+)*``)."""
+    reference: str = ""
+    """Where the wording comes from (repository, file, function), for the record."""
 
     def statement(self, demo: Demonstration, fmt: PromptFormat) -> str:
         if fmt == "per-box":
@@ -68,7 +76,11 @@ class PromptTemplate:
 
 
 def load_template(name_or_path: str | Path = "default") -> PromptTemplate:
-    """A bundled template by name (``default``, ``toy``) or a JSON template file."""
+    """A bundled template by name or a JSON template file.
+
+    Bundled: ``default`` (ours: per-box 2-shot, our instruction), ``toy`` (no instruction, no demonstrations),
+    ``kst24`` (Kim, Schuster & Toshniwal 2024, all-boxes 2-shot) and ``tang`` (Tang et al., per-box 2-shot).
+    """
     path = Path(name_or_path)
     if not path.suffix:
         path = DATA_DIR / "templates" / f"{name_or_path}.json"
@@ -122,7 +134,8 @@ def build_query(examples: Sequence[Example], template: PromptTemplate, fmt: Prom
         blocks.append(f"{template.description_prefix}{demo.description}{template.line_separator}"
                       f"{template.statement_prefix}{template.statement(demo, fmt)}")
     blocks.append(f"{template.description_prefix}{first.context}")
-    head = template.block_separator.join(blocks) + template.line_separator
+    sep = template.line_separator if template.query_separator is None else template.query_separator
+    head = template.block_separator.join(blocks) + sep
     statement = f"{template.statement_prefix}{examples[0].statement_prefix}"
     if chat:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
