@@ -48,8 +48,9 @@ def test_probe_experiment_writes_tidy_results_and_plots(toy_pair, monkeypatch):
     assert a.startswith("toy-a@") and b.startswith("toy-b@")  # name plus content hash, never the bare dir name
     assert set(run.model_difference.model_a) == {b} and set(run.model_difference.model_b) == {a}
     assert run.selectivity.empty  # no token-level target: no Hewitt-Liang control
-    for name in ("probe_accuracy.csv", "probe_heatmap.csv", "selectivity.csv", "model_difference.csv"):
+    for name in ("probe_accuracy.csv", "probe_heatmap.csv", "model_difference.csv"):
         assert (root / "run" / name).exists()
+    assert not (root / "run" / "selectivity.csv").exists()
     assert isinstance(run.plot_probe_accuracy(), go.Figure)
     assert isinstance(run.plot_heatmap(a), go.Figure)
     assert isinstance(run.plot_difference(), go.Figure)

@@ -21,6 +21,7 @@ candidate objects' first tokens, metric ``accuracy``, or over the vocabulary, me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -241,7 +242,10 @@ class ProbeExperiment:
         difference = self._differences(correct_by)
         for frame, file in ((accuracy, "probe_accuracy.csv"), (heat, "probe_heatmap.csv"),
                             (selectivity, "selectivity.csv"), (difference, "model_difference.csv")):
-            frame.to_csv(self.out / file, index=False)
+            if frame.empty:  # e.g. no token-level target: no selectivity; a stale file would mislead
+                (self.out / file).unlink(missing_ok=True)
+            else:
+                frame.to_csv(self.out / file, index=False)
         (self.out / "probe_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         return ProbeRun(self.out, accuracy, heat, selectivity, difference)
 
@@ -256,7 +260,9 @@ class ProbeExperiment:
         hooks = (cfg.hook, EMBED_HOOK) if "embedding" in cfg.baselines else (cfg.hook,)
         cache_cfg = CacheConfig(hooks=hooks, roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size, layers=cfg.layers)
         # Model ids are file-name safe and differ between checkpoints that share a directory name.
-        reader = build_cache(model, queries, self.out / "cache" / label / split, cache_cfg,
+        # One directory per request (roles, hooks), so runs with other targets never meet a mismatched cache.
+        request = hashlib.sha256(json.dumps([roles, hooks, cfg.layers, cfg.dtype]).encode()).hexdigest()[:8]
+        reader = build_cache(model, queries, self.out / "cache" / label / f"{split}-{request}", cache_cfg,
                              data_hash=queries_sha256(queries))
         X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
         embed = ({role: reader.activations(EMBED_HOOK, role).float().numpy() for role in roles}
