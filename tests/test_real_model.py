@@ -121,15 +121,19 @@ def test_attention_under_grouped_query_heads(smollm2, hf, queries):
 def test_probe_experiment_runs_on_chosen_layers(smollm2, tmp_path):
     from boxprobe.data.task import write_examples
 
-    cfg = TaskConfig(num_samples=5, num_operations=0, seed=4)  # five states: enough for a 3/1/1 split
-    data = tmp_path / "d.jsonl"
-    write_examples(data, [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg)])
-    cfg = ProbeExperimentConfig(models=("smollm2",), data=str(data), out_dir=str(tmp_path / "run"), template="toy",
-                                targets=("contents",), layers=(3, 20), random_init="none", n_boot=20, Cs=(1.0,))
+    for name, seed, n in (("test", 4, 3), ("train", 5, 8)):  # states of 1 operation; a 4/1 fit/validation split
+        cfg = TaskConfig(num_samples=n, num_operations=1, seed=seed)
+        write_examples(tmp_path / f"{name}.jsonl",
+                       [e for s in generate_sequences(cfg) for e in sequence_examples(s, cfg) if e.num_operations])
+    cfg = ProbeExperimentConfig(models=("smollm2",), data=str(tmp_path / "test.jsonl"), out_dir=str(tmp_path / "run"),
+                                template="toy", targets=("first_object",), layers=(3, 20), random_init="none",
+                                baselines=("majority",), n_boot=20, Cs=(1.0,), train_limit=None)
     run = ProbeExperiment(cfg, models=[smollm2]).run()
-    task = run.probe_accuracy.query("kind == 'task' and metric == 'non_trivial'")
+    acc = run.probe_accuracy.query("metric == 'accuracy' and subset == 'all'")
+    task = acc.query("kind == 'task'")
     assert sorted(task["layer"].unique()) == [3, 20]  # the model's own layer numbers
     assert task["value"].between(0, 1).all() and task["model"].str.startswith("SmolLM2").all()
+    assert {"majority", "model_argmax"} <= set(acc["kind"])  # the baseline and the model's own answer beside it
 
 
 def test_patching_a_head_equals_a_hand_written_hook(smollm2, queries):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Sequence
 
 from boxprobe.data.positions import LABEL_RE, label_box, parse_description
 from boxprobe.data.prompts import Query
@@ -40,18 +41,43 @@ def states_from_context(context: str) -> list[State]:
     return states
 
 
+def box_operations(context: str, box: int) -> list[int]:
+    """Indices of the operations whose sentence names ``box`` (as put/remove target, move source or destination)."""
+    return sorted({m.op_index for m in parse_description(context) if m.kind == "box" and m.op_index >= 0
+                   and m.box == box})
+
+
+def local_prior(states: Sequence[State], operations: Sequence[int], box: int, k: int) -> tuple[str, ...] | None:
+    """The contents of ``box`` before the k-th last operation that names it (None when fewer than k do).
+
+    Follows Tang et al.'s ``ProbeDataLoader.get_prior_operations`` / ``back_track_box_content``
+    (PootieT/entity-tracking-mi, ``probe_experiments/src/dataset.py``): backtrack over the operations
+    that mention the queried box, not over the description's operations. ``states[i]`` is the state before
+    operation ``i``, so the state before operation ``operations[-k]`` is ``states[operations[-k]]``.
+    """
+    if k < 1 or len(operations) < k:
+        return None
+    return states[operations[-k]][box]
+
+
 @lru_cache(maxsize=4096)
-def _context_facts(context: str) -> tuple[tuple[State, ...], tuple[str, ...]]:
+def _context_facts(context: str) -> tuple[tuple[State, ...], tuple[str, ...], tuple[tuple[int, ...], ...]]:
     # Per-box queries share each description between all boxes: parse it once.
-    mentioned = dict.fromkeys(m.object for m in parse_description(context) if m.kind == "object")
-    return tuple(states_from_context(context)), tuple(mentioned)
+    mentions = parse_description(context)
+    mentioned = dict.fromkeys(m.object for m in mentions if m.kind == "object")
+    states = tuple(states_from_context(context))
+    ops = tuple(tuple(box_operations(context, b)) for b in range(len(states[0])))
+    return states, tuple(mentioned), ops
 
 
 def query_labels(query: Query) -> dict:
-    """Probe labels of a query: queried box, its gold contents, the full state, mentioned objects and
-    the queried box's contents 1..3 operations earlier (None before the description starts)."""
+    """Probe labels of a query: queried box, its gold contents, the full state, mentioned objects, the
+    initial state (``initial_state``; ``initial``: the queried box's contents in the first sentence), the
+    queried box's contents before its k-th last operation (``prior_k``, k = 1..3, over the operations that
+    name the box: :func:`local_prior`; None where fewer than k do), and ``global_prior_k``, the queried box
+    k operations earlier in the whole description (the older definition, kept to show the difference)."""
     ex = query.examples[0]
-    states, mentioned = _context_facts(ex.context)
+    states, mentioned, ops = _context_facts(ex.context)
     box = ex.box if ex.box is not None else label_box(LABEL_RE.search(ex.statement_prefix))
     state = states[-1]
     gold = sorted(re.findall(r"\bthe (\w+)", ex.gold))
@@ -60,7 +86,12 @@ def query_labels(query: Query) -> dict:
                          f"replayed from its description ({list(state[box])}); the data file is inconsistent.")
     row = {"sample_id": ex.sample_id, "query_box": box, "numops": ex.numops,
            "num_operations": ex.num_operations if ex.num_operations is not None else len(states) - 1,
-           "gold": gold, "state": [list(b) for b in state], "mentioned": list(mentioned)}
+           "gold": gold, "state": [list(b) for b in state], "mentioned": list(mentioned),
+           "initial": list(states[0][box]), "initial_state": [list(b) for b in states[0]],
+           "box_ops": len(ops[box])}
     for k in (1, 2, 3):
-        row[f"prior_{k}"] = list(states[-1 - k][box]) if len(states) > k else None
+        prior = local_prior(states, ops[box], box, k)
+        row[f"prior_{k}"] = list(prior) if prior is not None else None
+    for k in (1, 2, 3):
+        row[f"global_prior_{k}"] = list(states[-1 - k][box]) if len(states) > k else None
     return row

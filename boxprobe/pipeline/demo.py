@@ -58,6 +58,8 @@ class DemoConfig:
     """Queries used for the attention analysis."""
     patching_pairs: int = 8
     """Counterfactual pairs per kind used for activation patching."""
+    probe_train_states: int = 150
+    """Training states (all 7 boxes each) the probes are fit on; the probe stage's cost grows with it."""
     threads: int | None = 1
     """torch CPU threads; the toy models are so small that one thread is fastest (None: torch's default)."""
 
@@ -83,12 +85,14 @@ def behaviour_stage(models: dict, queries: dict[str, QuerySet], out: Path, batch
 
 
 def probes_stage(models: dict, queries: dict[str, QuerySet], model_paths: Sequence[str], data: Path, out: Path,
-                 batch_size: int) -> None:
-    """Contents, global-state, incremental and prior-state probes with controls and baselines -> ``probe_*.csv``."""
+                 batch_size: int, train_limit: int = 150) -> None:
+    """Emptiness, answer-object, prior-state, global-state and incremental probes, fit on ``train_limit``
+    training states and scored on the test subsample next to their baselines -> ``probe_*.csv``."""
     cfg = ProbeExperimentConfig(models=tuple(model_paths), data=str(data), out_dir=str(out),
-                                targets=("contents", "global_state", "incremental", "prior_1"),
-                                batch_size=batch_size, n_boot=300, random_init="first", Cs=(0.1, 1.0),
-                                causal_check_layer=1)
+                                targets=("empty", "first_object", "kth_object", "prior_1", "global_state",
+                                         "incremental"),
+                                train_limit=train_limit, batch_size=batch_size, n_boot=300, random_init="first",
+                                Cs=(0.1, 1.0))
     ProbeExperiment(cfg, models=list(models.values()), queries=[queries[n] for n in models]).run()
 
 
@@ -169,7 +173,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
         if stage == "behaviour":
             behaviour_stage(models, queries, out, cfg.batch_size)
         elif stage == "probes":
-            probes_stage(models, queries, cfg.models, data, out, cfg.batch_size)
+            probes_stage(models, queries, cfg.models, data, out, cfg.batch_size, cfg.probe_train_states)
         elif stage == "attention":
             attention_stage(models, queries, out, cfg.attention_queries, cfg.batch_size)
         elif stage == "patching":

@@ -219,13 +219,25 @@ def _behaviour(df):
     return [(plots.behaviour_accuracy(df), cap)]
 
 
+_PROBE_VIEWS = {"all": "all test items", "numops>=1": "queried box changed at least once",
+                "differs_from_initial": "answer differs from the first sentence's"}
+
+
 def _probe_accuracy(df):
+    # One figure per probe and view; the headline metric only (the CSV holds the others).
+    if "subset" not in df.columns:
+        df = df.assign(subset="all")
     out = []
-    for key, d in _split(df, ["probe", "metric"]):
-        what = " ".join(str(k) for k in key if pd.notna(k)) or "accuracy"
-        out.append((plots.probe_accuracy_by_layer(d, title=f"Probe: {what}"), (
-            f"Probe ({what}) accuracy on the residual stream by layer. Solid: task probe; dashed/dotted: "
-            "control task, random-init model and majority baselines; bands are intervals.")))
+    metric = df[df.metric == "accuracy"] if "metric" in df.columns and (df.metric == "accuracy").any() else df
+    for key, d in _split(metric, ["probe", "subset"]):
+        probe, subset = (list(key) + ["all"])[:2]
+        view = _PROBE_VIEWS.get(str(subset), str(subset))
+        out.append((plots.probe_accuracy_by_layer(d, title=f"Probe: {probe} ({view})"), (
+            f"{probe} probe accuracy on the residual stream by layer, {view}. Solid: the probe; dashed/dotted: "
+            "what would explain it without tracking: the majority answer, the first sentence's answer "
+            "(initial_state), the same probe on token embeddings and on a random-init model, and on shuffled "
+            "labels (permutation); model_argmax: the model's own answer at that token. Bands: 95% intervals, "
+            "clustered by sample_id.")))
     return out
 
 
@@ -236,8 +248,10 @@ def _probe_heatmap(df):
 
 def _selectivity(df):
     return [(plots.selectivity_by_layer(d), f"Selectivity ({', '.join(map(str, k)) or 'probe'}): task-probe "
-             "accuracy minus control-task accuracy by layer; above zero the probe reads the task, not just "
-             "memorises.") for k, d in _split(df, ["probe"])]
+             "accuracy minus Hewitt–Liang control-task accuracy (labels keyed on the probed token's type), for "
+             "token-level probes only. Above zero the probe does better than one that memorises a label per "
+             "token type; it says nothing about tracking, which the baselines in the accuracy plots test.")
+            for k, d in _split(df, ["probe"])]
 
 
 def _difference(df):
