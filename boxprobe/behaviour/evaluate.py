@@ -58,6 +58,7 @@ from boxprobe.behaviour.decoding import (
     stop_ids,
 )
 from boxprobe.data.queries import ContextLengthError, EncodedQuery, QuerySet, prepare, resolve_spec
+from boxprobe.models.batching import BatchSizer
 from boxprobe.models.loading import load_model, model_id, model_info, model_label
 from boxprobe.behaviour.scoring import accuracy_by_numops, contents_match, normal_ci, split_all_boxes_statement, state_accuracy
 from boxprobe.data.task import OPERATION_KINDS, read_examples
@@ -222,12 +223,15 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(items), desc=f"eval {cfg.method}", unit="query", disable=not cfg.progress)
+    sizer = BatchSizer(cfg.batch_size, f"eval {label}")  # halves on out-of-memory, keeps the size it settles on
     try:
         with torch.inference_mode(), cache_keyword_fix(model):
             for batch in batches_by_context(items, cfg.batch_size):
                 flat = [it for c in batch for it in c]
-                tops = fast_batch(model, batch, reuse, pad_id) if cfg.method != "generate" else [None] * len(flat)
-                gens = (generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops)
+                tops = (sizer.run_chunks(batch, lambda b: fast_batch(model, b, reuse, pad_id))
+                        if cfg.method != "generate" else [None] * len(flat))
+                gens = (sizer.run_chunks(batch, lambda b: generate_batch(model, b, reuse, use_cache, pad_id,
+                                                                         max_new_tokens, stops))
                         if cfg.method != "fast" else [None] * len(flat))
                 for it, h, g in zip(flat, tops, gens):
                     query = rows[-1]["query"] + 1 if rows else 0
@@ -249,7 +253,7 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
     meta = {"model": label, "model_id": model_id(model), "revision": info.revision if info else None,
             "weight_mode": info.weight_mode if info else compat,
             "prompt_format": spec.format, "template": spec.template.name, "method": cfg.method, "chat": spec.chat,
-            "n_queries": len(items), "batch_size": cfg.batch_size, "context_reuse": reuse, "kv_cache": use_cache,
+            "n_queries": len(items), "batch_size": cfg.batch_size, "batch_size_settled": sizer.settled, "context_reuse": reuse, "kv_cache": use_cache,
             "max_new_tokens": max_new_tokens if cfg.method != "fast" else None, "n_ctx": queries.n_ctx,
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
             "elapsed_s": round(time.perf_counter() - started, 3)}
