@@ -58,8 +58,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from boxprobe.behaviour.evaluate import EvalConfig, evaluate_file
 
+    model = args.model
+    if args.device_map is not None or args.n_devices is not None or args.max_memory is not None:
+        from boxprobe.models.loading import load_model
+        from boxprobe.models.placement import parse_mapping
+
+        model = load_model(args.model, dtype=args.dtype, device_map=parse_mapping(args.device_map, "--device-map"),
+                           n_devices=args.n_devices, max_memory=parse_mapping(args.max_memory, "--max-memory"),
+                           offload_folder=args.offload_folder)
     result = evaluate_file(
-        args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
+        model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
         device=args.device, dtype=args.dtype, chat=args.chat,
         config=EvalConfig(batch_size=args.batch_size, method=args.method))
     print(result.table())
@@ -159,6 +167,14 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "int"  # argparse names the type in its message: "invalid int value: 'x'"
 
 
+def _placement_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None,
+                        help='spread the model over devices: "auto", "balanced" or a JSON {module: device} (cpu/disk offload)')
+    parser.add_argument("--n-devices", type=_positive_int, default=None, help="split the model evenly over N GPUs")
+    parser.add_argument("--max-memory", default=None, help='per-device budget as JSON, e.g. \'{"0": "70GiB", "cpu": "200GiB"}\'')
+    parser.add_argument("--offload-folder", default=None, help="where disk-offloaded weights go")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boxprobe", description="Entity tracking interpretability on the boxes task.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -196,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    ev.add_argument("--batch-size", type=_positive_int, default=16)
+    ev.add_argument("--batch-size", type=_positive_int, default=16, help="starting batch size (halved on out-of-memory)")
+    _placement_args(ev)
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("probe", parents=[common], help="run a probe experiment from a YAML config")

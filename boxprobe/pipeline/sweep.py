@@ -391,3 +391,10 @@ def compare_pairs(items: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
                          "diff": diff["diff"], "ci_low": diff["ci_low"], "ci_high": diff["ci_high"],
                          "known_pair": base in REGISTRY and treated in REGISTRY})
     return pd.DataFrame(rows)
+
+
+def from_yaml_dict(data: dict) -> SweepConfig:
+    """A sweep config from a mapping, as read from YAML."""
+    from boxprobe.config import from_dict
+
+    return from_dict(SweepConfig, data)
