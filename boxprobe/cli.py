@@ -6,6 +6,9 @@
     boxprobe demo [--out DIR] [--models M ...] [--stages ...]
     boxprobe dashboard RUN_DIR
     boxprobe convert PATH.gguf --out DIR
+    boxprobe plan --model NAME [--stages eval,cache,probe,patch] [--gpu h100-80gb] [--data FILE] ...
+    boxprobe sweep run CONFIG.yaml [--executor local|slurm]
+    boxprobe sweep collect CONFIG.yaml
 
 A failure is one line on stderr, ``boxprobe: error: <message>``, and a non-zero exit status: 2 for bad
 input or state (a :class:`~boxprobe.errors.BoxprobeError`, as for argument errors), 1 for an operating
@@ -55,8 +58,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from boxprobe.behaviour.evaluate import EvalConfig, evaluate_file
 
+    model = args.model
+    if args.device_map is not None or args.n_devices is not None or args.max_memory is not None:
+        from boxprobe.models.loading import load_model
+        from boxprobe.models.placement import parse_mapping
+
+        model = load_model(args.model, dtype=args.dtype, device_map=parse_mapping(args.device_map, "--device-map"),
+                           n_devices=args.n_devices, max_memory=parse_mapping(args.max_memory, "--max-memory"),
+                           offload_folder=args.offload_folder)
     result = evaluate_file(
-        args.model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
+        model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
         device=args.device, dtype=args.dtype, chat=args.chat, overwrite=args.overwrite,
         config=EvalConfig(batch_size=args.batch_size, method=args.method, constrained=args.constrained))
     print(result.table())
@@ -115,6 +126,37 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from boxprobe.pipeline.plan import PlanConfig, make_plan, parse_layers
+
+    cfg = PlanConfig(model=args.model, stages=tuple(s for s in args.stages.split(",") if s), gpu=args.gpu,
+                     dtype=args.dtype, data=None if args.data is None else str(args.data), n_queries=args.n_queries,
+                     batch_size=args.batch_size, roles=tuple(args.roles.split(",")), layers=parse_layers(args.layers),
+                     store_dtype=args.store_dtype, patch_pairs=args.patch_pairs)
+    plan = make_plan(cfg)
+    print(plan.text())
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plan.frame.to_csv(args.out, index=False)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from boxprobe.pipeline.sweep import collect, load_sweep_config, run_sweep
+
+    cfg = load_sweep_config(args.config)
+    if args.action == "run":
+        report = run_sweep(cfg, executor=args.executor)
+        print(report.to_string(index=False))
+        failed = report[report["status"] == "failed"]
+        return 1 if len(failed) else 0
+    paths = collect(cfg)
+    for name, path in paths.items():
+        print(f"{name:24s} {path}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)  # argparse turns a ValueError here into "invalid _positive_int value"
     if value < 1:
@@ -123,6 +165,14 @@ def _positive_int(text: str) -> int:
 
 
 _positive_int.__name__ = "int"  # argparse names the type in its message: "invalid int value: 'x'"
+
+
+def _placement_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None,
+                        help='spread the model over devices: "auto", "balanced" or a JSON {module: device} (cpu/disk offload)')
+    parser.add_argument("--n-devices", type=_positive_int, default=None, help="split the model evenly over N GPUs")
+    parser.add_argument("--max-memory", default=None, help='per-device budget as JSON, e.g. \'{"0": "70GiB", "cpu": "200GiB"}\'')
+    parser.add_argument("--offload-folder", default=None, help="where disk-offloaded weights go")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    ev.add_argument("--batch-size", type=_positive_int, default=16)
+    ev.add_argument("--batch-size", type=_positive_int, default=16, help="starting batch size (halved on out-of-memory)")
     ev.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    _placement_args(ev)
     ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("probe", parents=[common], help="run a probe experiment from a YAML config")
@@ -192,6 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     co.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     co.set_defaults(func=_convert)
+
+    pl = sub.add_parser("plan", parents=[common], help="estimate memory, disk, FLOPs and time of a run from the model's shape")
+    pl.add_argument("--model", required=True, help="registry name or local checkpoint directory")
+    pl.add_argument("--stages", default="eval,cache,probe,patch", help="comma-separated: eval,cache,probe,patch")
+    pl.add_argument("--gpu", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb, a100-40gb or l40s-48gb")
+    pl.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16", "int8", "int4"))
+    pl.add_argument("--data", type=Path, default=None, help="boxes JSONL file (default: a generated sample)")
+    pl.add_argument("--n-queries", type=_positive_int, default=None, help="queries to plan for (default: the data's, else 800)")
+    pl.add_argument("--batch-size", type=_positive_int, default=16)
+    pl.add_argument("--roles", default="query_last", help="comma-separated cached roles")
+    pl.add_argument("--layers", default="all", help="cached layers: all, 0-7 or 3,5,9")
+    pl.add_argument("--store-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    pl.add_argument("--patch-pairs", type=_positive_int, default=50)
+    pl.add_argument("--out", type=Path, default=None, help="also write the estimates as CSV here")
+    pl.set_defaults(func=_plan)
+
+    sw = sub.add_parser("sweep", parents=[common], help="run analysis stages over many models through submitit")
+    sw.add_argument("action", choices=("run", "collect"), help="run: run the units not yet done; collect: merge them")
+    sw.add_argument("config", type=Path, help="sweep YAML (models, data, stages, out_dir, executor options)")
+    sw.add_argument("--executor", choices=("local", "slurm", "debug"), default=None,
+                    help="override the config's executor")
+    sw.set_defaults(func=_sweep)
     return parser
 
 

@@ -42,6 +42,7 @@ import boxprobe
 from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
+from boxprobe.models.batching import BatchSizer, join_rows_by_item
 from boxprobe.errors import ArgumentError, BoxprobeError, DataError, MissingFileError, MissingKeyError
 from boxprobe.files import file_sha256  # noqa: F401  (re-exported: callers hash data files)
 
@@ -441,6 +442,7 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
                disable=not progress)
     parts: dict[str, list[torch.Tensor]] = {}
     tables: list[pd.DataFrame] = []
+    sizer = BatchSizer(cfg.batch_size, "cache")
     with cache_keyword_fix(model):
         reuse = cfg.reuse_context and bool(len(queries)) and kv_cache_works(model, queries[0].ids)
         if cfg.reuse_context and not reuse:
@@ -450,7 +452,11 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
             for j, (k, b, start, end) in enumerate(jobs):
                 table = _selection(queries, start, end, cfg.roles)
                 rel = table.assign(item=table["item"] - start)
-                acts = _run_batch(model, queries.items[start:end], rel, groups, store, tok.pad_token_id, reuse)
+                # halves the batch on out-of-memory (boxprobe.models.batching); pieces keep their rows' order
+                acts = sizer.run_range(end - start, lambda lo, hi: _run_batch(
+                    model, queries.items[start + lo:start + hi], rel[rel["item"].between(lo, hi - 1)].assign(
+                        item=lambda t: t["item"] - lo), groups, store, tok.pad_token_id, reuse),
+                    join_rows_by_item(rel["item"].to_numpy()))
                 for role in cfg.roles:
                     keep = torch.tensor((table["role"] == role).to_numpy())
                     for g, a in acts.items():

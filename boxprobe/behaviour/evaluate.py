@@ -70,6 +70,7 @@ from boxprobe.behaviour.decoding import (
 from boxprobe.behaviour.speculative import SharedPrefix, TokenCount, count_per_prompt, greedy_batch
 from boxprobe.data.prompts import PromptTemplate
 from boxprobe.data.queries import ContextLengthError, EncodedQuery, QuerySet, prepare, resolve_spec
+from boxprobe.models.batching import BatchSizer
 from boxprobe.models.loading import load_model, model_id, model_info, model_label
 from boxprobe.behaviour.scoring import (accuracy_by_numops, accuracy_table, contents_match, split_all_boxes_statement,
                                        state_accuracy)
@@ -271,20 +272,22 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(items), desc=f"eval {cfg.method}", unit="query", disable=not cfg.progress)
+    sizer = BatchSizer(cfg.batch_size, f"eval {label}")  # halves on out-of-memory, keeps the size it settles on
     try:
         with torch.inference_mode(), cache_keyword_fix(model):
             shared = SharedPrefix(model, items, counts, reuse) if use_cache and cfg.method == "greedy" else None
             for batch in batches_by_context(items, cfg.batch_size):
                 flat = [it for c in batch for it in c]
-                states = [state_of[id(it)] for it in flat]
-                tops = fast_batch(model, batch, reuse, pad_id) if cfg.method in ("fast", "both") else [None] * len(flat)
+                states = lambda b: [state_of[id(it)] for c in b for it in c]  # noqa: E731
+                tops = (sizer.run_chunks(batch, lambda b: fast_batch(model, b, reuse, pad_id))
+                        if cfg.method in ("fast", "both") else [None] * len(flat))
                 if cfg.method == "greedy":
-                    gens = greedy_batch(model, batch, shared, reuse, pad_id, max_new_tokens, stops, counts, constraint,
-                                        states)
+                    gens = sizer.run_chunks(batch, lambda b: greedy_batch(
+                        model, b, shared, reuse, pad_id, max_new_tokens, stops, counts, constraint, states(b)))
                     count_per_prompt(flat, gens, counts)
                 elif cfg.method != "fast":
-                    gens = generate_batch(model, batch, reuse, use_cache, pad_id, max_new_tokens, stops, constraint,
-                                          states)
+                    gens = sizer.run_chunks(batch, lambda b: generate_batch(
+                        model, b, reuse, use_cache, pad_id, max_new_tokens, stops, constraint, states(b)))
                 else:
                     gens = [None] * len(flat)
                 for it, h, g in zip(flat, tops, gens):
@@ -307,7 +310,8 @@ def evaluate(model: TransformerBridge, queries: QuerySet, config: EvalConfig = E
     meta = {"model": label, "model_id": model_id(model), "revision": info.revision if info else None,
             "weight_mode": info.weight_mode if info else compat,
             "prompt_format": spec.format, "template": spec.template.name, "method": cfg.method, "chat": spec.chat,
-            "n_queries": len(items), "batch_size": cfg.batch_size, "context_reuse": reuse, "kv_cache": use_cache,
+            "n_queries": len(items), "batch_size": cfg.batch_size, "batch_size_settled": sizer.settled,
+            "context_reuse": reuse, "kv_cache": use_cache,
             "max_new_tokens": max_new_tokens if cfg.method != "fast" else None, "n_ctx": queries.n_ctx,
             "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
             "elapsed_s": round(time.perf_counter() - started, 3),

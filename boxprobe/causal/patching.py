@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from boxprobe.config import check_choice
 from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works
 from boxprobe.models.loading import check_same_family, model_label
+from boxprobe.models.batching import halve_on_oom
 from boxprobe.data.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
     Metric, PairBatch, answer_accuracy, attach_baselines, build_pairs, collate_pairs, logit_diff,
     normalised_logit_diff, with_baselines)
@@ -176,6 +177,7 @@ def _evaluate(metrics: Mapping[str, Metric], logits, batch: PairBatch) -> torch.
     return torch.stack([torch.as_tensor(f(logits, batch)).float().mean().cpu() for f in metrics.values()])
 
 
+@halve_on_oom("max_batch", "patching")  # reruns with half the rows per forward on out-of-memory
 def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], metrics: Mapping[str, Metric], *,
                   target: Literal["clean", "corrupt"], max_batch: int = 64, kv_prefix: bool | None = None,
                   split_qkv: bool = False, shortcuts: bool = True,

@@ -1,0 +1,117 @@
+"""Peak memory of a fixed workload against model depth: eval, caching and patching on random toy-width
+Llamas of 4, 8 and 16 layers, side by side in one run.
+
+    .venv/bin/python benchmarks/memory.py [--depths 4 8 16] [--queries 14] [--pairs 4] [--d-model 256]
+
+Each (stage, depth) runs in a fresh subprocess. The figure is the workload's peak beyond what the
+process held after loading the model, preparing the queries and one warm-up forward (weights, which do
+grow with depth, are not counted): on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before
+the workload, on CPU the growth of the peak resident set (``ru_maxrss``), which the allocator rounds, so
+small figures are noisy. Workloads: ``evaluate`` (fast method) on ``--queries`` queries; ``build_cache`` of
+``resid_post`` at ``query_last`` over every layer; ``patch_resid_pre`` over every layer at the query-box
+pairs' ``query_last`` position (the current patching caches the clean and corrupt ``resid_pre`` of every
+layer before patching, which is the growth this shows). The last column is the ratio to the shallowest
+model; the goal is 1.0 +- 0.1 for caching and patching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+STAGES = ("eval", "cache", "patch")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child(args) -> None:
+    import torch
+
+    from boxprobe.activations.cache import CacheConfig, build_cache
+    from boxprobe.behaviour.evaluate import EvalConfig, evaluate
+    from boxprobe.causal.patching import patch_resid_pre
+    from boxprobe.data.pairs import build_pairs, collate_pairs
+    from boxprobe.data.queries import prepare, resolve_spec
+    from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
+    from boxprobe.models.loading import load_model
+
+    torch.set_num_threads(1)
+    cuda = torch.cuda.is_available()
+    model = load_model(args.checkpoint, device="cuda" if cuda else "cpu")
+    task = TaskConfig(num_samples=30, num_operations=3)
+    examples = [e for s in generate_sequences(task) for e in sequence_examples(s, task)]
+    queries = prepare(model, examples[:max(args.queries, 200)], resolve_spec(model))
+    batch = None
+    if args.stage == "patch":
+        pairs, _ = build_pairs(model, queries, "query-box", seed=0)
+        batch = collate_pairs(pairs[:args.pairs], model.tokenizer.pad_token_id, device=model.cfg.device)
+    with torch.inference_mode():
+        model(torch.tensor([queries[0].ids], device=model.cfg.device))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    started = time.perf_counter()
+    if args.stage == "eval":
+        evaluate(model, queries[:args.queries], EvalConfig(batch_size=args.queries, progress=False))
+    elif args.stage == "cache":
+        with tempfile.TemporaryDirectory() as tmp:
+            build_cache(model, queries[:args.queries], tmp, CacheConfig(batch_size=args.queries), progress=False)
+    else:
+        patch_resid_pre(model, batch, positions="query_last", progress=False)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mb() - base
+    print(json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - started, "device": "cuda" if cuda else "cpu"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--queries", type=int, default=14)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        return child(args)
+    from boxprobe.models.toy import ModelShape, save_random_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for depth in args.depths:
+            ckpt = save_random_checkpoint(Path(tmp) / f"L{depth}", ModelShape(
+                n_layers=depth, d_model=args.d_model, n_heads=8, d_mlp=4 * args.d_model))
+            for stage in args.stages:
+                cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt),
+                       "--queries", str(args.queries), "--pairs", str(args.pairs)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode:
+                    sys.exit(f"{stage} at depth {depth} failed:\n{out.stderr[-2000:]}")
+                rows.append({"stage": stage, "layers": depth, **json.loads(out.stdout.strip().splitlines()[-1])})
+    first = {r["stage"]: r["peak_mb"] for r in rows if r["layers"] == args.depths[0]}
+    print(f"d_model {args.d_model}, {args.queries} queries, {args.pairs} pairs, device {rows[0]['device']}")
+    print(f"{'stage':>6} {'layers':>6} {'peak MB':>9} {'seconds':>8} {'vs ' + str(args.depths[0]) + ' layers':>12}")
+    for r in rows:
+        ratio = r["peak_mb"] / first[r["stage"]] if first[r["stage"]] > 0 else float("nan")
+        print(f"{r['stage']:>6} {r['layers']:>6} {r['peak_mb']:>9.1f} {r['seconds']:>8.2f} {ratio:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
