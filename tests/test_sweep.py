@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import submitit  # noqa: F401  (the dev extra installs it; sweeps run through it)
 import yaml
 
 from boxprobe.data.task import TaskConfig, generate_dataset
@@ -17,7 +18,6 @@ from boxprobe.errors import BoxprobeError
 from boxprobe.models.loading import BUNDLED_MODELS_DIR
 from boxprobe.pipeline.sweep import MARKER, expand_models, from_yaml_dict, is_done, plan_units
 
-pytest.importorskip("submitit")
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [str(BUNDLED_MODELS_DIR / "toy-base"), str(BUNDLED_MODELS_DIR / "toy-code")]
 
