@@ -100,3 +100,13 @@ def test_a_marker_of_another_request_is_refused(tmp_path):
     (unit.directory / MARKER).write_text(json.dumps({"request": {"stage": "behaviour", "config": {"limit": 7}}}))
     with pytest.raises(BoxprobeError, match="another request"):
         is_done(unit)
+
+
+def test_bundled_sweep_configs_load():
+    from boxprobe.pipeline.sweep import load_sweep_config
+
+    configs = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_sweep_config(path)
+        assert expand_models(cfg.models)  # pairs:code becomes the paper's code pairs
