@@ -369,8 +369,11 @@ class ProbeExperiment:
                 rows.append(score_rows(initial_prediction(tr, te), te, items, kind="initial_state", **kw))
             if "embedding" in cfg.baselines and train.embed:
                 Etr, Ete = _features(train, role, True)[tr.rows], _features(test, role, True)[te.rows]
-                emb = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Etr, tr)
-                rows.append(score_rows(emb.predict(Ete, te)[:, :1], te, items, kind="embedding", **kw))
+                if np.ptp(Etr, axis=0).max() == 0:  # one token type (e.g. "contains"): only the intercept is left
+                    emb_pred = majority_prediction(tr, te)
+                else:
+                    emb_pred = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Etr, tr).predict(Ete, te)[:, :1]
+                rows.append(score_rows(emb_pred, te, items, kind="embedding", **kw))
             if "permutation" in cfg.baselines:
                 perm = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr, C=probe.C,
                                                                               y=permuted_labels(tr, cfg.seed))
