@@ -13,6 +13,12 @@ with a strength that grows with depth), or real ones:
 - ``--features``: an .npz with X [n_items, n_layers, d_model] and y [n_items], or a directory holding X.npy
   and y.npy.
 
+``--label first_object`` benchmarks the probe of :mod:`boxprobe.probing.experiment`'s headline target: the
+first answer object at the appended answer prefix " the" (role ``answer_prefix``, k=0; non-empty boxes), one
+multinomial probe over the object vocabulary whose argmax is restricted to the objects the description
+mentions (:func:`boxprobe.probing.targets.object_target`), against one sklearn multinomial
+``LogisticRegression`` per layer with the same candidate-restricted argmax.
+
 ``--label gold`` (the default; any column of object lists works) benchmarks the queried-box contents probe,
 the library's main one: a multi-label probe with one binary output per object, counted only where the object
 is mentioned (``LayerwiseMultiLabelProbe``, balanced class weights), against sklearn fitted per layer *and*
@@ -27,6 +33,7 @@ Last line: ``ratio=<sklearn time / our time> accuracy_gap=<max over layers of |t
 
     .venv/bin/python benchmarks/probe_speed.py [--n-items 3000 --n-layers 5 --d-model 128 --n-classes 8]
     .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base [--per-numops 12] [--label gold]
+    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label first_object --per-numops 24
     .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label query_box
 """
 
@@ -85,6 +92,8 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
     from boxprobe.probing.metrics import contents_labels, mentioned_mask
 
     cache = open_cache(directory)
+    if label == "first_object":
+        return load_first_object(cache, hook)
     meta = cache.metadata(role)
     if label not in meta:
         raise SystemExit(f"--label {label!r} is not a metadata column of {directory}; columns: {', '.join(meta)}")
@@ -98,8 +107,26 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
     return X, contents_labels(meta[label], vocab), groups, mentioned_mask(meta["mentioned"], vocab)
 
 
-def cache_model(model_path: str, per_numops: int, seed: int, directory: Path) -> Path:
-    """Cache resid_post at query_last of a checkpoint on a fresh test subsample; returns the cache directory."""
+def load_first_object(cache, hook: str):
+    """(X, y, groups, candidates) of the ``first_object`` target: y the vocabulary index of the first answer
+    object, candidates [n, n_objects] the objects the description mentions."""
+    from boxprobe.data.task import load_vocabulary
+    from boxprobe.probing.targets import TARGET_ROLE, object_target
+
+    role = TARGET_ROLE["first_object"]
+    t = object_target(cache.metadata(role).reset_index(drop=True), load_vocabulary("objects"), "first")
+    return cache.activations(hook, role).float().numpy()[t.rows], t.y, t.groups, t.mask
+
+
+def restricted_argmax(logits: np.ndarray, classes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Argmax of ``logits`` [n, (L,) K] over ``classes`` [K] among each row's ``candidates`` [n, n_objects]."""
+    allowed = candidates[:, classes]  # [n, K]
+    allowed = allowed[:, None, :] if logits.ndim == 3 else allowed
+    return classes[np.where(allowed, logits, -np.inf).argmax(-1)]
+
+
+def cache_model(model_path: str, per_numops: int, seed: int, directory: Path, role: str = "query_last") -> Path:
+    """Cache resid_post at ``role`` of a checkpoint on a fresh test subsample; returns the cache directory."""
     from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
     from boxprobe.data.queries import prepare
     from boxprobe.models.loading import load_model
@@ -108,7 +135,7 @@ def cache_model(model_path: str, per_numops: int, seed: int, directory: Path) ->
     data = generate_dataset(TaskConfig(seed=seed), directory / "data", subsample_per_numops=per_numops)
     model = load_model(model_path)
     queries = prepare(model, read_examples(data["test-subsample"]))
-    cfg = CacheConfig(batch_size=32)
+    cfg = CacheConfig(batch_size=32, roles=(role,))
     build_cache(model, queries, directory / "cache", cfg, data_hash=file_sha256(data["test-subsample"]))
     return directory / "cache"
 
@@ -178,9 +205,14 @@ def main() -> None:
     groups = mask = None
     if args.model is not None:
         scratch = tempfile.TemporaryDirectory()
-        args.cache = cache_model(args.model, args.per_numops, args.seed, Path(scratch.name))
+        role = "answer_prefix" if args.label == "first_object" else args.role
+        args.cache = cache_model(args.model, args.per_numops, args.seed, Path(scratch.name), role)
+    candidates = None
     if args.cache is not None:
         X, y, groups, mask = load_cache(args.cache, args.hook, args.role, args.label)
+        if args.label == "first_object":
+            candidates, mask = mask, None
+            args.role = "answer_prefix (k=0)"
         source = f"{args.model or args.cache} ({args.hook} at {args.role} -> {args.label})"
     elif args.features is not None:
         X, y = load_features(args.features)
@@ -201,6 +233,8 @@ def main() -> None:
     targets = {o: y[:, o].astype(int) if multilabel else y for o in outputs}
     class_weight = "balanced" if multilabel else None
     what = f"{y.shape[1]} objects (multi-label, mentioned cells)" if multilabel else f"{len(np.unique(y))} classes"
+    if candidates is not None:
+        what += f" ({len(np.unique(y[train]))} in train), argmax among the mentioned objects"
     print(f"features: {source}, X {X.shape}, {what}, train {len(train)}, test {len(test)}")
     print(f"settings: C={args.C}, tol={args.tol}, max_iter={args.max_iter}, lbfgs, class_weight={class_weight}; "
           f"single-threaded: torch.set_num_threads(1), sklearn BLAS/OpenMP limited to 1 thread")
@@ -240,7 +274,12 @@ def main() -> None:
         optimum.fit(X[train], y[train], mask[train]) if multilabel else optimum.fit(X[train], y[train])
 
     # Test accuracy over counted cells, and each fit's objective, per layer.
-    probes = {"ours": (ours, ours.predict(X[test])), "optimum": (optimum, optimum.predict(X[test]))}
+    def predict(probe, Xs, rows):
+        if candidates is None:
+            return probe.predict(Xs)
+        return restricted_argmax(probe.decision_function(Xs), np.asarray(probe.classes_), candidates[rows])
+
+    probes = {"ours": (ours, predict(ours, X[test], test)), "optimum": (optimum, predict(optimum, X[test], test))}
     position = {item: i for i, item in enumerate(test)}
     rows = []
     for layer in range(n_layers):
@@ -250,7 +289,8 @@ def main() -> None:
             m = models[layer, o]
             if len(te):
                 idx = [position[i] for i in te]
-                right["sklearn"] += (m.predict(X[te, layer]) == targets[o][te]).sum()
+                sk_pred = m.predict(X[te, layer]) if candidates is None or m.coef_ is None else predict(m, X[te, layer], te)
+                right["sklearn"] += (sk_pred == targets[o][te]).sum()
                 for name, (_, pred) in probes.items():
                     right[name] += ((pred[idx, layer, o] if multilabel else pred[idx, layer]) == targets[o][te]).sum()
                 total += len(te)

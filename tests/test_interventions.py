@@ -207,3 +207,38 @@ def test_object_directions_from_cache(model, queries, tmp_path):
     assert D_train.shape == (1, D_MODEL) and not np.allclose(D_train[0], D[0])
     with pytest.raises(ValueError, match="never in the queried box"):
         iv.object_directions_from_cache(reader, "zebra", layer=1, mentioned_only=False)
+
+
+def test_per_query_directions(model, queries, objects):
+    D = np.random.default_rng(8).standard_normal((2, D_MODEL))
+    shared = iv.ablate_directions(model, queries, D, layer=0, objects=objects, batch_size=4)
+    listed = iv.ablate_directions(model, queries, [D] * len(queries), layer=0, objects=objects, batch_size=4)
+    np.testing.assert_allclose(listed["logp_object"], shared["logp_object"], atol=1e-4)
+    empty = iv.ablate_directions(model, queries, [D[:0]] * len(queries), layer=0, objects=objects)
+    np.testing.assert_allclose(empty["logp_object"], baseline(model, queries, objects)["logp_object"], atol=1e-6)
+    # Query 0 alone loses directions: only its answer changes.
+    one = [D if i == 0 else D[:0] for i in range(len(queries))]
+    mixed = iv.ablate_directions(model, queries, one, layer=0, objects=objects, batch_size=4)
+    assert abs(mixed["logp_object"][0] - shared["logp_object"][0]) < 1e-4
+    np.testing.assert_allclose(mixed["logp_object"][1:], empty["logp_object"][1:], atol=1e-5)
+    df = iv.probe_causal_check(model, queries, objects, one, layer=0, n_random=2, batch_size=4)
+    rnd = df[df.condition == "random"]
+    assert set(rnd.loc[rnd["query"] == 0, "k"]) == {2} and set(rnd.loc[rnd["query"] > 0, "k"]) == {0}
+    np.testing.assert_allclose(rnd.loc[rnd["query"] == 0, "norm"], np.linalg.norm(D))
+    with pytest.raises(ValueError, match="one \\[k, d_model\\] set per query"):
+        iv.ablate_directions(model, queries, [D], layer=0, objects=objects)
+
+
+def test_causal_effects_are_paired_bounded_and_clustered(model, queries, objects):
+    D = np.random.default_rng(9).standard_normal((3, D_MODEL)) * 5
+    df = iv.probe_causal_check(model, queries, objects, D, layer=0, n_random=2, batch_size=4)
+    eff = iv.causal_effects(df, n_boot=300).set_index(["condition", "metric"])
+    per = df.groupby(["condition", "query"])["p_object"].mean().unstack(0)
+    assert eff.loc[("probe - none", "p_object"), "value"] == pytest.approx((per["probe"] - per["none"]).mean())
+    means = eff.loc[["none", "probe", "random"]]
+    assert ((means.ci_low >= 0) & (means.ci_high <= 1)).all()
+    assert ((eff.ci_low <= eff.value + 1e-12) & (eff.value <= eff.ci_high + 1e-12)).all()
+    # One cluster holding every query: every resample is the full sample, so the interval collapses.
+    one = iv.causal_effects(df, groups=["s"] * len(queries), n_boot=50)
+    np.testing.assert_allclose(one.ci_low, one.value) and np.testing.assert_allclose(one.ci_high, one.value)
+    assert (one.n_clusters == 1).all()

@@ -46,6 +46,7 @@ from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_
 from boxprobe.probing.probes import check_Cs
 from boxprobe.probing.baselines import (FittedProbe, control_labels_for, initial_prediction, majority_prediction,
                                         metric_parts, permuted_labels, score_rows)
+from boxprobe.probing.causal_check import causal_table, layers_above_baselines, run_causal_check
 from boxprobe.probing.metrics import bootstrap_difference
 from boxprobe.probing.targets import TARGET_ROLE, TARGETS, TOKEN_LEVEL, Target, build_target
 
@@ -95,6 +96,15 @@ class ProbeExperimentConfig:
     """Baselines besides ``random_init``: any of majority, initial_state, embedding, permutation."""
     sanity_margin: float = 0.10
     """Flag a last-layer ``first_object`` probe this far below the model's own accuracy at the same token."""
+    causal_check: bool = False
+    """Ablate the ``first_object`` probe's candidate subspace at " the" and compare random sets
+    (:mod:`boxprobe.probing.causal_check`) -> ``causal_check.csv``; needs ``first_object`` in targets."""
+    causal_layers: tuple[int, ...] | None = None
+    """Layers of the causal check; None: every probed layer where the probe beats each baseline's upper bound."""
+    causal_n: int = 200
+    """Test queries (non-empty boxes) of the causal check, drawn with ``seed``; all when fewer."""
+    causal_random: int = 3
+    """Random direction sets (seeds) the probe's subspace is compared with."""
     n_boot: int = 1000
     """Cluster-bootstrap resamples for intervals and model differences."""
     seed: int = 0
@@ -121,7 +131,9 @@ class ProbeExperimentConfig:
                 or min(self.split[:2]) <= 0 or abs(sum(self.split) - 1) > 1e-6):
             raise ConfigError(f"split must be three fractions (fit > 0, validation > 0, unused >= 0) that sum to 1, "
                               f"got {list(self.split)}.")
-        for name in ("n_boot", "batch_size"):
+        if self.causal_check and "first_object" not in self.targets:
+            raise ConfigError("causal_check ablates the first_object probe's directions; add first_object to targets.")
+        for name in ("n_boot", "batch_size", "causal_n", "causal_random"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
@@ -158,6 +170,7 @@ class ProbeRun:
     probe_heatmap: pd.DataFrame
     selectivity: pd.DataFrame
     model_difference: pd.DataFrame
+    causal_check: pd.DataFrame | None = None
 
     def table(self, probe: str = "first_object", metric: str = "accuracy", subset: str = "all") -> pd.DataFrame:
         """Task and every baseline by layer (rows: model, kind; columns: layers)."""
@@ -250,7 +263,7 @@ class ProbeExperiment:
 
     def _run(self, test_examples, train_examples) -> ProbeRun:
         cfg = self.cfg
-        accuracy, heat, correct_by = [], [], {}
+        accuracy, heat, correct_by, causal = [], [], {}, []
         self.names: list[str] = []
         self.layer_of: dict[str, dict[int, int]] = {}
         for i in range(len(cfg.models)):
@@ -275,7 +288,12 @@ class ProbeExperiment:
                     heat.append(hm)
                     if not random_init:
                         correct_by[(label, name)] = correct
+                if not random_init:
+                    real, first = model, getattr(self, "_first", None)
                 del model
+            if cfg.causal_check:
+                causal.append(self._causal(real, first, pd.concat(accuracy, ignore_index=True)))
+            del real
         accuracy = self._flag_sanity(pd.concat(accuracy, ignore_index=True))
         heat = pd.concat(heat, ignore_index=True)
         selectivity = self._selectivity(accuracy)
@@ -286,8 +304,31 @@ class ProbeExperiment:
                 (self.out / file).unlink(missing_ok=True)
             else:
                 atomic_write_csv(frame, self.out / file)
+        causal = pd.concat(causal, ignore_index=True) if causal else None
+        if causal is not None:
+            atomic_write_csv(causal, self.out / "causal_check.csv")
+        else:
+            (self.out / "causal_check.csv").unlink(missing_ok=True)
         atomic_write_text(self.out / "probe_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        return ProbeRun(self.out, accuracy, heat, selectivity, difference)
+        return ProbeRun(self.out, accuracy, heat, selectivity, difference, causal)
+
+    def _causal(self, model, first, accuracy: pd.DataFrame) -> pd.DataFrame:
+        """The causal check of one model's first_object probe (see :mod:`boxprobe.probing.causal_check`)."""
+        cfg, label = self.cfg, self.names[-1]
+        probe, target, queries = first
+        slot_of = {layer: slot for slot, layer in self.layer_of[label].items()}
+        layers = list(cfg.causal_layers) if cfg.causal_layers is not None else layers_above_baselines(accuracy, label)
+        missing = [layer for layer in layers if layer not in slot_of]
+        if missing:
+            raise ConfigError(f"causal_layers {missing} were not probed; pick from the probed layers {sorted(slot_of)}.")
+        cols = ["model", "layer", "condition", "metric", "value", "ci_low", "ci_high", "n"]
+        if not layers:
+            logger.warning("%s: the first_object probe beats its baselines at no layer; no causal check", label)
+            return pd.DataFrame(columns=cols)
+        raw = run_causal_check(model, queries, target, probe.models[0], {layer: slot_of[layer] for layer in layers},
+                               self.vocab, n=cfg.causal_n, n_random=cfg.causal_random, hook=cfg.hook, seed=cfg.seed,
+                               batch_size=cfg.batch_size)
+        return causal_table(raw, label, cfg.n_boot, cfg.seed)
 
     def _cache(self, model, queries: QuerySet, label: str, split: str) -> _Side:
         cfg = self.cfg
@@ -328,8 +369,11 @@ class ProbeExperiment:
                 rows.append(score_rows(initial_prediction(tr, te), te, items, kind="initial_state", **kw))
             if "embedding" in cfg.baselines and train.embed:
                 Etr, Ete = _features(train, role, True)[tr.rows], _features(test, role, True)[te.rows]
-                emb = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Etr, tr)
-                rows.append(score_rows(emb.predict(Ete, te)[:, :1], te, items, kind="embedding", **kw))
+                if np.ptp(Etr, axis=0).max() == 0:  # one token type (e.g. "contains"): only the intercept is left
+                    emb_pred = majority_prediction(tr, te)
+                else:
+                    emb_pred = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Etr, tr).predict(Ete, te)[:, :1]
+                rows.append(score_rows(emb_pred, te, items, kind="embedding", **kw))
             if "permutation" in cfg.baselines:
                 perm = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr, C=probe.C,
                                                                               y=permuted_labels(tr, cfg.seed))
@@ -341,6 +385,8 @@ class ProbeExperiment:
                 rows.append(score_rows(ctr.predict(Xte, te), te_ctrl, items, kind="control", **kw))
             if name in ("first_object", "kth_object"):
                 rows += self._model_argmax(model, test.queries, te, kw)
+        if name == "first_object" and not random_init:
+            self._first = (probe, te, test.queries)
         num, den = metric_parts(pred, te)["accuracy"][0]
         correct = (num / np.maximum(den, 1e-12), te.groups, den[:, 0] > 0)
         heat = pd.DataFrame([{"model": label + (" (random init)" if random_init else ""), "probe": name,

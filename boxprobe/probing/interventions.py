@@ -90,15 +90,22 @@ def _project(act: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 
 
 def _ablation_hook(act, hook, *, P: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor | None):
+    """``P`` [d, d] (one set for every query) or [batch, d, d] (one projection per query of the batch)."""
+    if P.ndim == 3:
+        dtype = torch.promote_types(act.dtype, torch.float32)
+        if rows is None:
+            return torch.einsum("bsd,bde->bse", act.to(dtype), P.to(dtype)).to(act.dtype)
+        act[rows, pos] = torch.einsum("nd,nde->ne", act[rows, pos].to(dtype), P[rows].to(dtype)).to(act.dtype)
+        return act
     if rows is None:
         return _project(act, P)
     act[rows, pos] = _project(act[rows, pos], P)
     return act
 
 
-def _measure(model, prepared: list[_Prepared], P: torch.Tensor | None, hook_name: str,
+def _measure(model, prepared: list[_Prepared], P: torch.Tensor | list[torch.Tensor] | None, hook_name: str,
              batch_size: int) -> pd.DataFrame:
-    """One row per query; ``P=None`` runs without any hook (the baseline)."""
+    """One row per query; ``P=None`` runs without any hook (the baseline); a list: one projection per query."""
     tok, device = model.tokenizer, model.cfg.device
     pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0) if i is not None)
     rows_out = []
@@ -115,7 +122,8 @@ def _measure(model, prepared: list[_Prepared], P: torch.Tensor | None, hook_name
                 if batch[0].positions is not None:
                     r = torch.tensor([i for i, b in enumerate(batch) for _ in b.positions], device=device)
                     p = torch.tensor([o + t for b, o in zip(batch, offsets) for t in b.positions], device=device)
-                fn = partial(_ablation_hook, P=P, rows=r, pos=p)
+                Pb = torch.stack(P[start:start + len(batch)]) if isinstance(P, list) else P
+                fn = partial(_ablation_hook, P=Pb, rows=r, pos=p)
                 logits = model.run_with_hooks(ids, fwd_hooks=[(hook_name, fn)], attention_mask=mask)
             for i, (b, o) in enumerate(zip(batch, offsets)):
                 at = o + len(b.prompt) - 1  # the position predicting gold[0]
@@ -140,13 +148,30 @@ def _as_projection(model, directions) -> tuple[torch.Tensor, np.ndarray]:
     return nullspace_projection(D).to(model.cfg.device), D.numpy()
 
 
+def _is_per_query(directions) -> bool:
+    return isinstance(directions, (list, tuple))
+
+
+def _projections(model, directions, n_queries: int) -> tuple[torch.Tensor | list[torch.Tensor], list[np.ndarray]]:
+    """A shared set, or a list with one [k_i, d_model] set per query: (projection(s), the sets as arrays)."""
+    if not _is_per_query(directions):
+        P, D = _as_projection(model, directions)
+        return P, [D]
+    if len(directions) != n_queries:
+        raise ArgumentError(f"{len(directions)} per-query direction sets for {n_queries} queries; give one "
+                            "[k, d_model] set per query (or one shared set).")
+    pairs = [_as_projection(model, d) for d in directions]
+    return [p.float() for p, _ in pairs], [d for _, d in pairs]
+
+
 def ablate_directions(model, queries: QuerySet, directions: Directions, *, layer: int,
                       hook: str = "resid_post", role: str | None = "query_last", objects: Sequence[str],
                       batch_size: int = 16) -> pd.DataFrame:
     """Teacher-forced answers with ``span(directions)`` projected out at ``layer``/``hook``/``role``.
 
     ``objects[i]`` is the object of query i whose (first-token) probability is read; it must be in that
-    query's gold answer. ``role=None`` ablates every position (answer tokens included). An edit at one
+    query's gold answer. ``directions``: one [k, d_model] set for every query, or a list of one set per query
+    (e.g. the probe's decision subspace among that query's candidates). ``role=None`` ablates every position (answer tokens included). An edit at one
     prompt position reaches the answer tokens only through attention in later layers, so at the last
     layer a ``query_last`` ablation can change only the first answer token. Returns one row
     per query: query, object, p_object, logp_object, rest_unchanged (every other gold token still the
@@ -155,7 +180,7 @@ def ablate_directions(model, queries: QuerySet, directions: Directions, *, layer
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
     name = _hook_name(model, layer, hook)
-    P, _ = _as_projection(model, directions)
+    P, _ = _projections(model, directions, len(queries))
     df = _measure(model, _prepare(model, queries, objects, role), P, name, batch_size)
     df.insert(0, "query", range(len(df)))
     df.insert(1, "object", list(objects))
@@ -168,44 +193,105 @@ def probe_causal_check(model, queries: QuerySet, objects: Sequence[str], directi
     """Tidy comparison of no intervention, the probe's ``directions`` and ``n_random`` random direction sets.
 
     Random sets (seeds ``seed .. seed + n_random - 1``) have the probe's shape and per-row norms
-    (:func:`random_directions_like`). Columns: condition ("none", "probe", "random"), seed (NA except for
+    (:func:`random_directions_like`); with per-query ``directions`` (a list), each query gets its own random
+    set of its own count and norms. Columns: condition ("none", "probe", "random"), seed (NA except for
     random), query, object, p_object, logp_object, rest_unchanged, answer_exact, object_index, layer, hook,
     k (directions removed), norm (Frobenius norm of the set removed; 0 for "none").
     """
     name = _hook_name(model, layer, hook)
     prepared = _prepare(model, queries, objects, role)
-    P, D = _as_projection(model, directions)
-    runs = [("none", None, None, D[:0]), ("probe", None, P, D)]
+    P, D = _projections(model, directions, len(queries))
+    per_query = _is_per_query(directions)
+    runs = [("none", None, None, [d[:0] for d in D]), ("probe", None, P, D)]
     for s in range(seed, seed + n_random):
-        R = random_directions_like(D, seed=s)
-        runs.append(("random", s, _as_projection(model, R)[0], R))
+        # Per query: its own draw (seeded by the seed and the query), with that query's count and row norms.
+        R = [random_directions_like(d, seed=s * 1_000_003 + i) for i, d in enumerate(D)]
+        runs.append(("random", s, _projections(model, R if per_query else R[0], len(queries))[0], R))
     frames = []
     for condition, s, proj, used in runs:
         df = _measure(model, prepared, proj, name, batch_size)
         df.insert(0, "query", range(len(df)))
         df.insert(1, "object", list(objects))
-        frames.append(df.assign(condition=condition, seed=s, layer=layer, hook=hook, k=len(used),
-                                norm=float(np.linalg.norm(used))))
+        used = used if per_query else used * len(df)
+        frames.append(df.assign(condition=condition, seed=s, layer=layer, hook=hook, k=[len(u) for u in used],
+                                norm=[float(np.linalg.norm(u)) for u in used]))
     out = pd.concat(frames, ignore_index=True)
     out["seed"] = out["seed"].astype("Int64")
     front = ["condition", "seed", "query"]
     return out[front + [c for c in out.columns if c not in front]]
 
 
-def summarize_causal_check(df: pd.DataFrame, z: float = 1.96) -> pd.DataFrame:
-    """Per condition: mean p_object with a normal interval over queries (random seeds averaged per query
-    first, so seeds do not pass for independent items), and the rest_unchanged and answer_exact rates."""
+EFFECTS = (("probe - none", "probe", "none"), ("random - none", "random", "none"),
+           ("probe - random", "probe", "random"))
+METRICS = ("p_object", "rest_unchanged", "answer_exact")
+
+
+def causal_effects(df: pd.DataFrame, groups: Sequence | None = None, n_boot: int = 1000, seed: int = 0,
+                   confidence: float = 0.95) -> pd.DataFrame:
+    """Tidy means and paired differences of a :func:`probe_causal_check` frame, with cluster-bootstrap intervals.
+
+    Random seeds are averaged per query first (they are draws of one control, not more items). ``groups``
+    (one label per query, e.g. sample_id; default: each query its own cluster) are resampled with all their
+    queries, the same draws for every condition, so differences are paired. Intervals are bootstrap
+    percentiles: a mean of probabilities or rates stays within [0, 1]; a difference of two such means within
+    [-1, 1] (no normal approximation). Rows: condition (none, probe, random, or "probe - none", "random - none",
+    "probe - random"), metric (p_object, rest_unchanged, answer_exact), value, ci_low, ci_high, n (queries),
+    n_clusters, n_seeds.
+    """
+    per = {c: df[df["condition"] == c].groupby("query")[list(METRICS)].mean().astype(float)
+           for c in CONDITIONS if c in set(df["condition"])}
+    queries = next(iter(per.values())).index
+    if groups is None:
+        groups = np.asarray(queries)
+    groups = np.asarray(groups)
+    if len(groups) != len(queries):
+        raise ArgumentError(f"groups has {len(groups)} labels for {len(queries)} queries; give one per query.")
+    codes, uniques = pd.factorize(pd.Series(groups))
+    draws = np.random.default_rng(seed).multinomial(len(uniques), np.full(len(uniques), 1 / len(uniques)), n_boot)
+    counts = np.bincount(codes, minlength=len(uniques)).astype(float)
+    n_seeds = int(df.loc[df["condition"] == "random", "seed"].nunique()) if "random" in per else 0
+    tail = 100 * (1 - confidence) / 2
+
+    def summarise(values: np.ndarray) -> tuple[float, float, float]:
+        sums = np.bincount(codes, weights=values, minlength=len(uniques))
+        boot = (draws @ sums) / np.maximum(draws @ counts, 1e-12)
+        low, high = np.percentile(boot, [tail, 100 - tail])
+        value = float(values.mean())
+        return value, min(float(low), value), max(float(high), value)
+
+    rows = []
+    base = {"n": len(queries), "n_clusters": len(uniques)}
+    for condition, frame in per.items():
+        for metric in METRICS:
+            v, lo, hi = summarise(frame.loc[queries, metric].to_numpy())
+            rows.append({"condition": condition, "metric": metric, "value": v, "ci_low": lo, "ci_high": hi, **base,
+                         "n_seeds": n_seeds if condition == "random" else 1})
+    for name, a, b in EFFECTS:
+        if a in per and b in per:
+            for metric in METRICS:
+                diff = per[a].loc[queries, metric].to_numpy() - per[b].loc[queries, metric].to_numpy()
+                v, lo, hi = summarise(diff)
+                rows.append({"condition": name, "metric": metric, "value": v, "ci_low": lo, "ci_high": hi, **base,
+                             "n_seeds": n_seeds if "random" in (a, b) else 1})
+    return pd.DataFrame(rows)
+
+
+def summarize_causal_check(df: pd.DataFrame, groups: Sequence | None = None, n_boot: int = 1000,
+                           seed: int = 0) -> pd.DataFrame:
+    """Per condition: mean p_object with a cluster-bootstrap percentile interval within [0, 1] (random seeds
+    averaged per query first; ``groups`` as in :func:`causal_effects`), and the rest_unchanged and answer_exact
+    rates."""
+    effects = causal_effects(df, groups, n_boot=n_boot, seed=seed)
     rows = []
     for condition in [c for c in CONDITIONS if c in set(df["condition"])]:
         sub = df[df["condition"] == condition]
-        per_query = sub.groupby("query")["p_object"].mean()
-        n, mean = len(per_query), float(per_query.mean())
-        half = z * float(per_query.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
-        rows.append({"condition": condition, "n_queries": n, "n_seeds": int(sub["seed"].nunique()) or 1,
-                     "p_object": mean, "ci_low": mean - half, "ci_high": mean + half,
+        e = effects[(effects.condition == condition)].set_index("metric")
+        rows.append({"condition": condition, "n_queries": int(e.loc["p_object", "n"]),
+                     "n_seeds": int(sub["seed"].nunique()) or 1, "p_object": e.loc["p_object", "value"],
+                     "ci_low": e.loc["p_object", "ci_low"], "ci_high": e.loc["p_object", "ci_high"],
                      "logp_object": float(sub["logp_object"].mean()),
-                     "rest_unchanged": float(sub["rest_unchanged"].mean()),
-                     "answer_exact": float(sub["answer_exact"].mean())})
+                     "rest_unchanged": e.loc["rest_unchanged", "value"],
+                     "answer_exact": e.loc["answer_exact", "value"]})
     return pd.DataFrame(rows)
 
 

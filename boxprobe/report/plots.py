@@ -333,6 +333,28 @@ def model_difference(df: pd.DataFrame, model_a: str | None = None, model_b: str 
                    LAYER_TITLE, f"{value_name} difference ({label})")
 
 
+def causal_check_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """p(correct first object) with no ablation, the probe's directions removed and random ones removed, per
+    layer, with 95% error bars. Columns: ``layer``, ``condition``, ``value``, ``ci_low``, ``ci_high`` (the
+    ``p_object`` rows of ``causal_check.csv``; difference rows are left out)."""
+    _require(df, ["layer", "condition", "value", "ci_low", "ci_high"], "causal_check_bars")
+    d = df[df["condition"].isin(["none", "probe", "random"])]
+    colors = _colors(["none", "probe", "random"])
+    names = {"none": "no ablation", "probe": "probe directions removed", "random": "random directions removed"}
+    fig = go.Figure()
+    for condition, rows in d.groupby("condition", sort=False):
+        rows = rows.sort_values("layer")
+        fig.add_trace(go.Bar(
+            x=[f"layer {int(layer)}" for layer in rows["layer"]], y=rows["value"], name=names[condition],
+            marker_color=colors[condition],
+            error_y=dict(type="data", symmetric=False, array=rows["ci_high"] - rows["value"],
+                         arrayminus=rows["value"] - rows["ci_low"]),
+            hovertemplate="%{x}<br>p(correct) %{y:.3f}<extra></extra>"))
+    fig.update_layout(barmode="group")
+    return _layout(fig, title or "Causal check: p(correct first object) at ' the'", "layer",
+                   "p(correct first object)", accuracy=True)
+
+
 def patching_heatmap(df: pd.DataFrame, x: str = "position", y: str = "layer",
                      value: str = "value", model: str | None = None,
                      title: str | None = None) -> go.Figure:
