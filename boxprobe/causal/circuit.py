@@ -148,6 +148,6 @@ def discover_circuit(model, batch: PairBatch, cfg: CircuitConfig = CircuitConfig
         positions[group] = position
         logger.info("stage %s: %s", group, groups[group])
     scores = pd.concat(tables, ignore_index=True) if tables else None
-    from boxprobe.models.loading import model_label
+    from boxprobe.models.loading import model_id
 
-    return Circuit(model_label(model), groups, positions, len(batch), cfg.variant, scores=scores)
+    return Circuit(model_id(model), groups, positions, len(batch), cfg.variant, scores=scores)
