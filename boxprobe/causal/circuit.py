@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -85,13 +85,16 @@ class Circuit:
     """Completeness, minimality and the head-set table, once evaluated (JSON-friendly)."""
     scores: pd.DataFrame | None = field(default=None, repr=False)
     """Every stage's path-patching table (a ``stage`` column added)."""
+    batch: object = field(default=None, repr=False)
+    """The PairBatch the circuit was found on (not saved)."""
 
     @property
     def heads(self) -> list[tuple[int, int]]:
         return [h for hs in self.groups.values() for h in hs]
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "scores"}
+        d = {k: getattr(self, k) for k in ("model", "groups", "positions", "n_pairs", "variant", "metric",
+                                           "faithfulness", "evaluation")}
         d["groups"] = {g: [list(map(int, h)) for h in hs] for g, hs in self.groups.items()}
         return d
 
@@ -150,4 +153,4 @@ def discover_circuit(model, batch: PairBatch, cfg: CircuitConfig = CircuitConfig
     scores = pd.concat(tables, ignore_index=True) if tables else None
     from boxprobe.models.loading import model_id
 
-    return Circuit(model_id(model), groups, positions, len(batch), cfg.variant, scores=scores)
+    return Circuit(model_id(model), groups, positions, len(batch), cfg.variant, scores=scores, batch=batch)

@@ -77,11 +77,12 @@ def next_tokens(model, sequences: Sequence[Sequence[int]], batch_size: int = 32)
     return torch.cat(top).numpy(), torch.cat(logp).numpy()
 
 
-def correct_answers(model, queries: QuerySet, batch_size: int = 32) -> pd.DataFrame:
-    """Non-empty queries with the answer prefix, correct object and whether the model predicts it there.
+def correct_answers(model, queries: QuerySet, batch_size: int = 32, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Non-empty queries (or the rows of ``table``, from ``_answer_tokens``) with the answer prefix, the
+    correct object and whether the model predicts it there.
 
     Columns: item, prefix, answer, predicted, correct, numops, context."""
-    table = _answer_tokens(queries)
+    table = _answer_tokens(queries) if table is None else table
     inputs = [queries.items[i].ids[:p + 1] for i, p in zip(table["item"], table["prefix"])]
     predicted, _ = next_tokens(model, inputs, batch_size) if inputs else (np.zeros(0, int), None)
     exs = [queries.items[i].query.examples[0] for i in table["item"]]
@@ -160,9 +161,15 @@ def build_random_query_pairs(model, queries: QuerySet, *, seed: int = 0, limit: 
 
     rng = np.random.default_rng(seed)
     stats = PairStats("random-query")
-    answers = correct_answers(model, queries, batch_size)
+    candidates = _answer_tokens(queries)
     stats.n_examples = len(queries)
-    stats.rejected["empty"] = len(queries) - len(answers)
+    stats.rejected["empty"] = len(queries) - len(candidates)
+    # Only a few boxes per context can be kept, so only a few are checked (one forward each).
+    ctx = [context_key(queries.items[i].query.examples[0]) for i in candidates["item"]]
+    candidates = candidates.assign(context=ctx).iloc[rng.permutation(len(candidates))]
+    checked = candidates.groupby("context", sort=False).head(3 * per_context).drop(columns="context").sort_values("item")
+    stats.rejected["not_checked"] = len(candidates) - len(checked)
+    answers = correct_answers(model, queries, batch_size, checked)
     if correct_only:
         stats.rejected["wrong"] = int((~answers["correct"]).sum())
         answers = answers[answers["correct"]]
