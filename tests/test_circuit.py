@@ -79,11 +79,18 @@ def test_random_query_pairs_follow_prakash(toy_base):
         assert clean_ex.context != corrupt_ex.context
         label = corrupt_ex.statement_prefix.removesuffix(" contains")
         assert not re.search(rf"\b{label}\b", p.clean.prompt) and not re.search(rf"\b{label}\b", corrupt_ex.context)
-    # Stratified: numops values with pairs to spare differ by at most one.
-    available = Counter(q.query.examples[0].numops for q in queries.items)
-    counts = Counter(p.clean.examples[0].numops for p in pairs)
-    full = [counts[k] for k in counts if available[k] > counts[k] + 3]
-    assert not full or max(full) - min(full) <= 1
+
+
+def test_stratified_draws_numops_evenly_and_one_box_per_context():
+    import pandas as pd
+
+    from boxprobe.data.counterfactual import stratified
+
+    table = pd.DataFrame({"numops": [0] * 10 + [1] * 10 + [2] * 2, "context": [f"c{i}" for i in range(20)] + ["c0", "c21"]})
+    got = stratified(table, 9, 1, np.random.default_rng(0))
+    assert got["context"].is_unique and len(got) == 9
+    counts = Counter(got["numops"])
+    assert counts[2] <= 2 and abs(counts[0] - counts[1]) <= 1 and counts[0] + counts[1] == 9 - counts[2]
 
 
 # -- path patching against brute force -----------------------------------------------------------------------
