@@ -197,6 +197,10 @@ def test_matches_transformer_lens_on_unpadded_pairs(model, flat_batch):
     assert torch.allclose(values(heads, L, H), ref_all, atol=ATOL)
     by_pos = P.patch_heads(model, b, positions="each", progress=False, max_batch=40)
     assert torch.allclose(values(by_pos, L, n_pos, H), ref_by_pos, atol=ATOL)
+    # Starting each site at its patched layer (on by default for unpadded batches) is exact too.
+    for skip in (True, False):
+        again = P.patch_resid_pre(model, b, progress=False, kv_prefix=True, skip_layers=skip)
+        assert torch.allclose(values(again, L, n_pos), ref_resid, atol=ATOL)
     # Without shortcuts (every site over every position, no cache) the numbers are the same.
     plain = P.patch_resid_pre(model, b, progress=False, shortcuts=False)
     assert torch.allclose(values(plain, L, n_pos), ref_resid, atol=ATOL)

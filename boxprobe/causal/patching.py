@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
@@ -193,7 +194,8 @@ def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, off
 def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], metrics: Mapping[str, Metric], *,
                   target: Literal["clean", "corrupt"], max_batch: int = 64, kv_prefix: bool | None = None,
                   split_qkv: bool = False, shortcuts: bool = True, progress: bool = True,
-                  collect: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Float[torch.Tensor, "site metric pair"]:
+                  collect: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  skip_layers: bool | None = None) -> Float[torch.Tensor, "site metric pair"]:
     """Each metric, per pair, with each site's patches applied to the ``target`` prompts.
 
     ``collect``: hook name -> (pos [pair], out [site, pair, ...]); each site's activation of that hook at
@@ -202,27 +204,53 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
 
     ``max_batch``: rows per forward (sites x pairs; at least one site). ``kv_prefix``: reuse the target's
     key-value cache before each chunk's first changed position (None: when ``kv_cache_works``).
-    ``shortcuts=False`` runs every site over every position (no skipping, no cache), for comparison."""
+    ``skip_layers``: start a site whose patches all sit at layer L or above at block L, from the target's
+    residual stream (exact: nothing below L changes; None: with ``kv_prefix`` when the target's residual
+    streams fit in 512 MiB; never with left padding, whose positions a later block cannot recover). ``shortcuts=False`` runs every site over every position (no skipping, no
+    cache), for comparison."""
     check_choice("target", target, ("clean", "corrupt"))
     tokens, mask = (batch.clean_tokens if target == "clean" else batch.corrupt_tokens), batch.attention_mask
     n = tokens.shape[0]
     if shortcuts:
         starts = [min((p.start for p in site if p.start is not None), default=None) for site in sites]
     else:
-        starts, kv_prefix = [0] * len(sites), False
+        starts, kv_prefix, skip_layers = [0] * len(sites), False, False
         sites = [[p._replace(start=0) for p in site] for site in sites]
-    live = sorted((i for i, s in enumerate(starts) if s is not None), key=lambda i: -starts[i])
+    # A site whose patches all sit at layer L or above leaves layers below L as in the target run.
+    floor = min((_hook_layer(name) for name in (collect or {})), default=model.cfg.n_layers)
+    layer_of = [min([_hook_layer(p.hook) for p in site if p.start is not None] + [floor]) for site in sites]
+    live = [i for i, s in enumerate(starts) if s is not None]
     values = torch.empty(len(sites), len(metrics), n)
     per_forward = max(1, max_batch // n)
     with torch.inference_mode(), cache_keyword_fix(model), split_qkv_input(model, split_qkv):
-        values[:] = _evaluate(metrics, model(tokens, attention_mask=mask), batch)
         if kv_prefix is None:
             kv_prefix = bool(live) and max(starts[i] for i in live) > 0 and kv_cache_works(
                 model, tokens[0, int(batch.pad[0]):].tolist())
-        prefix: dict[int, object] = {}
+        if skip_layers is None:  # the target's residual stream at every layer is kept for the whole batch
+            skip_layers = kv_prefix and tokens.numel() * model.cfg.d_model * model.cfg.n_layers * 4 <= 2 ** 29
+        # Starting at a later block takes positions from the cache length, not from the mask: no padding then.
+        skip_layers = bool(skip_layers and kv_prefix and (mask is None or bool(mask.all())))
+        if not skip_layers:
+            layer_of = [0] * len(sites)
+        # Chunks of one start layer and neighbouring start positions: little is recomputed in either.
+        live.sort(key=lambda i: (layer_of[i], -starts[i]))
+        resid: dict[int, torch.Tensor] = {}
+        needed = sorted({layer_of[i] for i in live} - {0})
+
+        def keep(act, hook):
+            resid[_hook_layer(hook.name)] = act.clone()
+            return act
+
+        with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in needed]):
+            if kv_prefix:
+                logits, full_kv = model(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+            else:
+                logits = model(tokens, attention_mask=mask)
+        values[:] = _evaluate(metrics, logits, batch)
         chunks = [live[i:i + per_forward] for i in range(0, len(live), per_forward)]
         for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
             offset = min(starts[i] for i in chunk) if kv_prefix else 0
+            first = min(layer_of[i] for i in chunk)
             entries = defaultdict(list)
             for block, i in enumerate(chunk):
                 for patch in sites[i]:
@@ -232,19 +260,27 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
             hooks += [(name, partial(_collect_hook, out=out, sites=chunk, n=n, offset=offset, pos=pos))
                       for name, (pos, out) in (collect or {}).items()]
             rows = torch.arange(n, device=tokens.device).repeat(len(chunk))
-            full_mask = mask if mask is not None else torch.ones_like(tokens) if offset else None
+            full_mask = mask  # unpadded: the causal mask alone is right, and cheaper to build
             kwargs = {"attention_mask": None if full_mask is None else full_mask[rows]}
             if offset:
-                if offset not in prefix:  # chunks come in decreasing offset: keep only the current prefix
-                    prefix = {offset: model(tokens[:, :offset], attention_mask=kwargs["attention_mask"][:n, :offset],
-                                            return_type="logits_and_cache", use_cache=True)[1]}
-                kwargs["past_key_values"] = copy.deepcopy(prefix[offset])
-                kwargs["past_key_values"].reorder_cache(rows)
+                kv = copy.deepcopy(full_kv)  # the target's own keys and values before the chunk's first change
+                kv.crop(offset - tokens.shape[1])  # transformers 5: a negative count drops the last positions
+                kv.reorder_cache(rows)
+                kwargs["past_key_values"] = kv
+            inputs = tokens[rows, offset:]
+            if first:
+                inputs, kwargs["start_at_layer"] = resid[first][rows, offset:], first
             with model.hooks(fwd_hooks=hooks):
-                logits = model(tokens[rows, offset:], **kwargs)
+                logits = model(inputs, **kwargs)
             for block, i in enumerate(chunk):
                 values[i] = _evaluate(metrics, logits[block * n:(block + 1) * n], batch)
     return values
+
+
+def _hook_layer(name: str) -> int:
+    """The block a hook belongs to (0 for hooks before the first block)."""
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else 0
 
 
 # -- activation patching ----------------------------------------------------------------------------
