@@ -95,7 +95,8 @@ def _circuit(args: argparse.Namespace) -> int:
     queries = prepare(model, args.data, spec, limit=args.limit)
     donor = load_model(args.donor, device=args.device) if args.donor else None
     cfg = CircuitStudyConfig(n_pairs=args.pairs, n_reference=args.reference_pairs, top_k=tuple(args.top_k),
-                             variant=args.variant, minimality=not args.no_minimality, max_batch=args.batch_size)
+                             variant=args.variant, minimality=not args.no_minimality, max_batch=args.batch_size,
+                             dcm_steps=args.dcm_steps)
     circuit = circuit_study(model, queries, args.out, cfg, donor=donor)
     for group, heads in circuit.groups.items():
         print(f"{group:22s} @ {circuit.positions[group]:14s} {' '.join(f'{l}.{h}' for l, h in heads)}")
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="heads per stage: value fetcher, position transmitter, position detector, structure reader")
     ci.add_argument("--variant", choices=("freeze", "direct"), default="freeze", help="path patching variant")
     ci.add_argument("--no-minimality", action="store_true", help="skip the per-head minimality runs")
+    ci.add_argument("--dcm-steps", type=int, default=0,
+                    help="also learn DCM head masks for the object-value and positional desiderata (steps; 0: off)")
     ci.add_argument("--donor", default=None, help="a fine-tuned model of the same family: CMAP into --model")
     ci.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ci.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward pass")

@@ -329,11 +329,44 @@ def test_circuit_command_writes_circuit_json(tmp_path):
     write_examples(data, examples_of(TaskConfig(num_samples=30, num_operations=1, seed=11))[:140])
     status = main(["circuit", "--model", str(BUNDLED_MODELS_DIR / "toy-base"), "--data", str(data), "--out",
                    str(tmp_path / "out"), "--pairs", "6", "--reference-pairs", "3", "--top-k", "1", "1",
-                   "--no-minimality", "--threads", "1"])
+                   "--no-minimality", "--threads", "1", "--dcm-steps", "3"])
     assert status == 0
     doc = json.loads((tmp_path / "out" / "circuit.json").read_text())
     assert isinstance(doc["groups"], dict) and 3 <= doc["n_pairs"] <= 6
     assert all(isinstance(h, list) and len(h) == 2 for hs in doc["groups"].values() for h in hs)
     assert doc["groups"] and isinstance(doc["faithfulness"], float)
+    assert set(doc["evaluation"]["dcm"]) <= {"object-value", "positional"} and (tmp_path / "out" / "dcm.csv").exists()
     assert main(["circuit", "--model", str(BUNDLED_MODELS_DIR / "toy-base"), "--data", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "x")]) != 0
+
+
+# -- DCM -----------------------------------------------------------------------------------------------------
+
+
+def test_dcm_learns_masks_where_the_desideratum_flows(tmp_path):
+    """Heads whose W_O is zero get no gradient from the task, only from the sparsity penalty, so their
+    masks sink together; the one writing head (1.2) moves differently. A large penalty selects nothing."""
+    from boxprobe.causal.dcm import learn_head_mask
+
+    def plant(model, tok):
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                w = layer.self_attn.o_proj.weight
+                keep = w[:, 2 * 16:3 * 16].clone()
+                w.zero_()
+                if i == 1:
+                    w[:, 2 * 16:3 * 16] = keep * 4
+
+    model = load_model(make_toy_checkpoint(tmp_path / "planted", d_model=64, init_std=0.2, edit=plant), device="cpu")
+    queries = prepare(model, examples_of(CFG), resolve_spec(model))
+    pairs, _ = build_pairs(model, queries, "object-value")
+    batch = collate_pairs(pairs[:6], model.tokenizer.pad_token_id)
+    masks = learn_head_mask(model, batch, steps=15, lr=0.2, sparsity=0.05)
+    by = masks.set_index(["layer", "head_index"])["mask"]
+    dead = by.drop((1, 2))
+    assert dead.max() - dead.min() < 1e-6 and dead.max() < 0.5  # moved by the penalty alone, all alike
+    assert abs(by[(1, 2)] - dead.iloc[0]) > 1e-3
+    assert masks.attrs["history"][-1] < masks.attrs["history"][0] and 0 <= masks.attrs["accuracy"] <= 1
+    none = learn_head_mask(model, batch, steps=15, lr=0.5, sparsity=50.0)
+    assert not none["selected"].any()
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())

@@ -45,6 +45,9 @@ class CircuitStudyConfig:
     """Also measure each head's minimality (one ablation run per head, two within a group)."""
     cmap_pairs: int = 100
     """With a donor: at most this many pairs the recipient gets wrong, for CMAP."""
+    dcm_steps: int = 0
+    """With > 0: also learn DCM head masks (this many steps) for the object-value and positional
+    desiderata, on up to ``n_pairs`` pairs of each -> ``dcm.csv`` and ``evaluation["dcm"]``."""
     max_batch: int = 64
     """Rows per forward pass."""
     seed: int = 0
@@ -92,10 +95,35 @@ def circuit_study(model, queries: QuerySet, out_dir: str | Path, cfg: CircuitStu
             "pair_stats": {"kept": stats.n_pairs, "rejected": {k: v for k, v in stats.rejected.items() if v}},
         }
         ev["sets"].to_csv(out / "circuit_sets.csv", index=False)
+    if cfg.dcm_steps:
+        circuit.evaluation["dcm"] = dcm_study(model, queries, circuit, out, cfg)
     circuit.save(out)
     if donor is not None and circuit.groups:
         cmap_study(model, donor, queries, circuit, out, cfg)
     return circuit
+
+
+def dcm_study(model, queries: QuerySet, circuit: Circuit, out_dir: str | Path, cfg: CircuitStudyConfig) -> dict:
+    """DCM masks per desideratum (:mod:`boxprobe.causal.dcm`) -> ``dcm.csv``; returns, per desideratum, the
+    selected heads, how many of them are circuit heads, and the binary mask's accuracy."""
+    from boxprobe.causal.dcm import learn_head_mask
+
+    frames, summary = [], {}
+    in_circuit = {tuple(h) for h in circuit.heads}
+    for kind in ("object-value", "positional"):
+        pairs, _ = build_pairs(model, queries, kind, seed=cfg.seed, limit=cfg.n_pairs)
+        if not pairs:
+            continue
+        batch = collate_pairs(pairs, model.tokenizer.pad_token_id, model.cfg.device)
+        frame = learn_head_mask(model, batch, steps=cfg.dcm_steps, seed=cfg.seed)
+        chosen = [(int(r.layer), int(r.head_index)) for r in frame[frame["selected"]].itertuples()]
+        summary[kind] = {"heads": [list(h) for h in chosen], "in_circuit": sum(h in in_circuit for h in chosen),
+                         "accuracy": frame.attrs["accuracy"], "n_pairs": len(batch)}
+        frames.append(frame.assign(desideratum=kind, in_circuit=[(l, h) in in_circuit for l, h in
+                                                                 zip(frame["layer"], frame["head_index"])]))
+    if frames:
+        pd.concat(frames, ignore_index=True).to_csv(Path(out_dir) / "dcm.csv", index=False)
+    return summary
 
 
 def cmap_study(recipient, donor, queries: QuerySet, circuit: Circuit, out_dir: str | Path,
