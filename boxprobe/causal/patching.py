@@ -54,12 +54,12 @@ from tqdm.auto import tqdm
 
 from boxprobe.config import check_choice
 from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works
-from boxprobe.models.loading import check_same_family, model_label
+from boxprobe.models.loading import model_label
 from boxprobe.causal.stats import long_per_pair, summarise
 from boxprobe.data.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
     Metric, PairBatch, answer_accuracy, attach_baselines, build_pairs, collate_pairs, logit_diff,
     normalised_logit_diff, prob_change, with_baselines)
-from boxprobe.errors import ArgumentError, ConfigError
+
 
 logger = logging.getLogger(__name__)
 

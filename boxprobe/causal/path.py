@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from boxprobe.causal.patching import (Direction, Heads, Metric, PairBatch, Patch, Positions, _frame, _heads,
-                                      _position_sites, _prepare, _start, _z, add_path_setter, differences,
+                                      _position_sites, _prepare, _start, _z, add_path_setter,
                                       generic_patch, normalised_logit_diff)
 from boxprobe.config import check_choice
 from boxprobe.errors import ArgumentError

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from boxprobe.data.positions import LABEL_RE, PositionError, label_box
+from boxprobe.data.positions import LABEL_RE, PositionError
 from boxprobe.data.queries import QuerySet, prepare
 from boxprobe.data.task import ALT_BOX_NAMES, Example
 from boxprobe.errors import DataError
