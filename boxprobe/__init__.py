@@ -37,8 +37,9 @@ _EXPORTS = {
     "ProbeExperiment": "boxprobe.probing.experiment", "ProbeExperimentConfig": "boxprobe.probing.experiment",
     # causal
     "patch_resid_pre": "boxprobe.causal.patching", "patch_heads": "boxprobe.causal.patching",
-    "patch_head_groups": "boxprobe.causal.patching", "path_patch": "boxprobe.causal.patching",
-    "cross_model_patch": "boxprobe.causal.patching",
+    "patch_head_groups": "boxprobe.causal.patching", "path_patch": "boxprobe.causal.path",
+    "cross_model_patch": "boxprobe.causal.cmap", "discover_circuit": "boxprobe.causal.circuit",
+    "evaluate_circuit": "boxprobe.causal.faithfulness", "circuit_study": "boxprobe.causal.study",
     # report and pipeline
     "dashboard_from_run": "boxprobe.report.dashboard", "run_demo": "boxprobe.pipeline.demo",
     "DemoConfig": "boxprobe.pipeline.demo",

@@ -3,6 +3,7 @@
     boxprobe generate --out DIR [--seed 2255] [--num-samples 2200] [--num-operations 12] [--variant ...]
     boxprobe eval --model NAME_OR_PATH --data FILE --out DIR [--format per-box|all-boxes] [--limit N] [--chat] ...
     boxprobe probe CONFIG.yaml [--out DIR]
+    boxprobe circuit --model M --data FILE --out DIR [--template T --format F] [--pairs 100] [--donor M2]
     boxprobe demo [--out DIR] [--models M ...] [--stages ...]
     boxprobe dashboard RUN_DIR
     boxprobe convert PATH.gguf --out DIR
@@ -88,6 +89,29 @@ def _probe(args: argparse.Namespace) -> int:
     nt = run.probe_accuracy[run.probe_accuracy.metric == "non_trivial"]
     print(nt.pivot_table(index=["probe", "model", "kind"], columns="layer", values="value").round(3).to_string())
     print(f"\nwrote CSVs to {run.out_dir}")
+    return 0
+
+
+def _circuit(args: argparse.Namespace) -> int:
+    import torch
+
+    from boxprobe.causal.study import CircuitStudyConfig, circuit_study
+    from boxprobe.data.queries import prepare, resolve_spec
+    from boxprobe.models.loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device)
+    spec = resolve_spec(model, template=args.template, format=args.format)
+    queries = prepare(model, args.data, spec, limit=args.limit)
+    donor = load_model(args.donor, device=args.device) if args.donor else None
+    cfg = CircuitStudyConfig(n_pairs=args.pairs, n_reference=args.reference_pairs, top_k=tuple(args.top_k),
+                             variant=args.variant, minimality=not args.no_minimality, max_batch=args.batch_size,
+                             dcm_steps=args.dcm_steps)
+    circuit = circuit_study(model, queries, args.out, cfg, donor=donor)
+    for group, heads in circuit.groups.items():
+        print(f"{group:22s} @ {circuit.positions[group]:14s} {' '.join(f'{l}.{h}' for l, h in heads)}")
+    print(f"faithfulness {circuit.faithfulness} on {circuit.n_pairs} pairs -> {Path(args.out) / 'circuit.json'}")
     return 0
 
 
@@ -226,6 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repair", action="store_true",
                     help="rebuild activation caches whose manifest is damaged (damaged shards are always rebuilt)")
     pr.set_defaults(func=_probe)
+
+    ci = sub.add_parser("circuit", parents=[common], help="discover and evaluate the entity-tracking circuit (Prakash et al.)")
+    ci.add_argument("--model", required=True, help="Hugging Face id, registry name or checkpoint directory")
+    ci.add_argument("--data", required=True, type=Path, help="boxes JSONL file (per-box queries; one pair per context)")
+    ci.add_argument("--out", required=True, type=Path, help="output directory (circuit.json, circuit_*.csv, cmap.csv)")
+    ci.add_argument("--template", default=None, help="prompt template name or JSON file (default: the checkpoint's)")
+    ci.add_argument("--format", choices=("per-box",), default=None, help="prompt format (pairs are per-box)")
+    ci.add_argument("--limit", type=_positive_int, default=None, help="use only the first N queries of the data")
+    ci.add_argument("--pairs", type=_positive_int, default=100, help="random-query pairs for discovery")
+    ci.add_argument("--reference-pairs", type=_positive_int, default=40,
+                    help="further pairs whose random-label prompts give the ablation means")
+    ci.add_argument("--top-k", type=_positive_int, nargs="+", default=[4, 4, 4, 2],
+                    help="heads per stage: value fetcher, position transmitter, position detector, structure reader")
+    ci.add_argument("--variant", choices=("freeze", "direct"), default="freeze", help="path patching variant")
+    ci.add_argument("--no-minimality", action="store_true", help="skip the per-head minimality runs")
+    ci.add_argument("--dcm-steps", type=int, default=0,
+                    help="also learn DCM head masks for the object-value and positional desiderata (steps; 0: off)")
+    ci.add_argument("--donor", default=None, help="a fine-tuned model of the same family: CMAP into --model")
+    ci.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ci.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward pass")
+    ci.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    ci.set_defaults(func=_circuit)
 
     de = sub.add_parser("demo", parents=[common], help="every analysis stage on the bundled toy models, with a dashboard")
     de.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")

@@ -44,17 +44,20 @@ def make_run_dir(root: Path) -> tuple[Path, int]:
                       ci_high=[0.2, 0.1, 0.3, 0.2], model_a="CodeLlama-7b", model_b="Llama-2-7b")
                  ).to_csv(run / "model_difference.csv", index=False)
     tokens = ["<s>", "Box", "A", "contains", "the", "apple", "."]
-    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, position=p, token=t, value=np.sin(l + p))
+    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, position_index=p, position_role="", token=t, value=np.sin(l + p))
                   for l in range(4) for p, t in enumerate(tokens)]
                  ).to_csv(run / "patching_resid.csv", index=False)
-    pd.DataFrame([dict(group=g, metric=m, before=0.3, after=0.5)
-                  for m in ("accuracy", "logit_diff") for g in ("all heads", "MLPs")]
+    pd.DataFrame([dict(group=g, metric=m, stage=s, value=v)
+                  for m in ("accuracy", "logit_diff") for g in ("all heads", "MLPs") for s, v in (("before", 0.3), ("after", 0.5))]
                  ).to_csv(run / "cmap.csv", index=False)
+    (run / "circuit.json").write_text(json.dumps({"groups": {"value_fetcher": [[3, 1]]},
+                                                  "positions": {"value_fetcher": "answer_prefix"},
+                                                  "faithfulness": 0.8, "n_pairs": 10, "variant": "freeze"}))
     (run / "run.json").write_text(json.dumps(
         {"models": ["CodeLlama-7b", "Llama-2-7b"], "weight_mode": "random", "date": "2025-01-02"}))
     # behaviour 1 + probe accuracy 1 (the headline metric; the CSV keeps the others) + heatmap 2 models
-    # + difference 1 + patching 1 + cmap 1
-    return run, 7
+    # + difference 1 + patching 1 + circuit 1 + cmap 1
+    return run, 8
 
 
 def small_sections() -> tuple[list[Section], int]:
@@ -170,7 +173,7 @@ def test_browser_renders_every_figure_without_errors(tmp_path):
     _chromium()
     run, n = make_run_dir(tmp_path)
     # The patching and attention head maps too: one figure per model, and per model and role.
-    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head=h, value=0.1 * (l - h)) for l in range(4) for h in range(8)]
+    pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head_index=h, value=0.1 * (l - h)) for l in range(4) for h in range(8)]
                  ).to_csv(run / "patching_heads.csv", index=False)
     pd.DataFrame([dict(model="CodeLlama-7b", layer=l, head_index=h, role=r, mean=0.05 * (l + h))
                   for r in ("queried_box_label", "correct_objects") for l in range(4) for h in range(8)]

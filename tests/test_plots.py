@@ -160,7 +160,7 @@ def test_model_difference():
 
 def test_patching_heatmap_uses_tokens_as_ticks():
     tokens = ["<s>", "Box", "A", "contains", "A"]
-    df = pd.DataFrame([dict(model="m", layer=l, position=p, token=tokens[p], value=l - p)
+    df = pd.DataFrame([dict(model="m", layer=l, position_index=p, position_role="", token=tokens[p], value=l - p)
                        for l in range(3) for p in range(5)])
     fig = plots.patching_heatmap(df)
     assert len(fig.data) == 1
@@ -170,7 +170,9 @@ def test_patching_heatmap_uses_tokens_as_ticks():
     assert fig.layout.xaxis.ticktext[2] != fig.layout.xaxis.ticktext[4]
     assert fig.data[0].zmid == 0  # signed effects get a diverging scale
     with pytest.raises(ValueError, match="position"):
-        plots.patching_heatmap(df.drop(columns="position"))
+        plots.patching_heatmap(df.drop(columns="position_index"))
+    roles = df.assign(position_role=df["position_index"].map(dict(enumerate("abcde"))), position_index=-1)
+    assert len(plots.patching_heatmap(roles, x="position_role").data) == 1
 
 
 def test_head_heatmap_and_attention_example():
@@ -179,6 +181,8 @@ def test_head_heatmap_and_attention_example():
     assert np.asarray(fig.data[0].z).shape == (2, 4)
     with pytest.raises(ValueError, match="head"):
         plots.head_heatmap(df.drop(columns="head"))
+    patched = df.rename(columns={"head": "head_index"})  # patching results name the column head_index
+    assert np.asarray(plots.head_heatmap(patched).data[0].z).shape == (2, 4)
     att = np.full((3, 4), 0.25)
     fig = plots.attention_example(["a", "b", "a", "c"], att, title="ex")
     assert len(fig.data) == 1 and list(fig.layout.xaxis.ticktext) == ["a", "b", "a", "c"]
@@ -188,14 +192,24 @@ def test_head_heatmap_and_attention_example():
 
 
 def test_cmap_bars():
-    df = pd.DataFrame([dict(group=g, metric=m, before=0.2, after=0.6)
-                       for m in ("accuracy", "logit_diff") for g in ("heads", "mlp")])
+    df = pd.DataFrame([dict(group=g, metric=m, stage=s, value=v, ci_low=v - 0.1, ci_high=v + 0.1)
+                       for m in ("accuracy", "logit_diff") for g in ("heads", "mlp")
+                       for s, v in (("before", 0.2), ("after", 0.6), ("donor", 0.7))])
     fig = plots.cmap_bars(df)
-    assert len(fig.data) == 4 and all(isinstance(t, go.Bar) for t in fig.data)
-    assert fig.layout.barmode == "group"
+    assert len(fig.data) == 6 and all(isinstance(t, go.Bar) for t in fig.data)
+    assert fig.layout.barmode == "group" and list(fig.data[1].error_y.array) == pytest.approx([0.1, 0.1])
     assert tuple(fig.layout.yaxis.range) == (0, 1) and fig.layout.yaxis2.range is None
-    with pytest.raises(ValueError, match="after"):
-        plots.cmap_bars(df.drop(columns="after"))
+    with pytest.raises(ValueError, match="stage"):
+        plots.cmap_bars(df.drop(columns="stage"))
+
+
+def test_circuit_heads():
+    doc = {"groups": {"value_fetcher": [[3, 1], [3, 5]], "position_transmitter": [[1, 0]]},
+           "positions": {"value_fetcher": "answer_prefix", "position_transmitter": "answer_prefix"},
+           "faithfulness": 0.9, "n_pairs": 100, "model": "m"}
+    fig = plots.circuit_heads(doc, n_layers=4, n_heads=8)
+    assert [t.name for t in fig.data] == ["value_fetcher @ answer_prefix", "position_transmitter @ answer_prefix"]
+    assert list(fig.data[0].x) == [1, 5] and list(fig.data[0].y) == [3, 3] and "0.90" in fig.layout.title.text
 
 
 def test_plots_use_one_template():

@@ -1,4 +1,8 @@
-"""Activation patching, path patching, faithfulness and cross-model patching (CMAP) on prompt pairs.
+"""The patching engine and activation patching on prompt pairs.
+
+Path patching lives in :mod:`boxprobe.causal.path`, circuit discovery in :mod:`boxprobe.causal.circuit`,
+faithfulness, completeness and minimality in :mod:`boxprobe.causal.faithfulness`, cross-model patching
+in :mod:`boxprobe.causal.cmap`.
 
 One generic loop (:func:`generic_patch`) runs every study: a *site* is a list of :class:`Patch` es
 (a hook name and a setter specialised with ``functools.partial``) applied together in one run. Sites are
@@ -19,25 +23,24 @@ the clean prompts with corrupt activations. :func:`normalised_logit_diff` is 0 a
 at the clean run either way. Hooks are added only through ``model.hooks(...)`` /
 ``run_with_cache(names_filter=...)``, so none outlives an exception.
 
-Path patching (:func:`path_patch`) patches the DIRECT path sender -> receiver: the senders'
-clean-minus-corrupt output ``(z_clean - z_corrupt) @ W_O`` is added to the receivers' own copy of the
-residual stream that feeds their query, key or value (``attn.hook_{q,k,v}_input``, enabled with
-``set_use_split_qkv_input``; it enters before the block's RMSNorm/LayerNorm, so the normalisation is
-recomputed), while every other reader, including the receiver's other inputs, sees the target run.
+Results are tidy: one row per site with the metric's mean over pairs and an interval clustered by
+context (:mod:`boxprobe.causal.stats`), or with ``per_pair=True`` one row per site x pair. Positions are
+two columns: ``position_role`` (a role name, "all", or "" for a bare index) and ``position_index`` (the
+padded index, -1 when it is a role or "all"); heads are ``head_index``.
 
 A study in a few lines (``examples`` from ``task.read_examples``, models from ``models.load_model``)::
 
-    pairs, stats = build_pairs(base, prepare(base, examples), "query-box")
-    batch = collate_pairs(pairs[:32], base.tokenizer.pad_token_id, base.cfg.device)
+    pairs, stats = build_pairs(base, prepare(base, examples))          # random-query pairs (Prakash)
+    batch = collate_pairs(pairs, base.tokenizer.pad_token_id, base.cfg.device)
     patch_resid_pre(base, batch).to_csv("patching_resid.csv", index=False)
-    patch_heads(base, batch, positions="query_last").to_csv("patching_heads.csv", index=False)
-    cross_model_patch(base, code_model, batch, {"fetchers": [(3, 2), (3, 5)]}).to_csv("cmap.csv", index=False)
+    patch_heads(base, batch, positions="answer_prefix").to_csv("patching_heads.csv", index=False)
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
@@ -51,12 +54,13 @@ from tqdm.auto import tqdm
 
 from boxprobe.config import check_choice
 from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works
-from boxprobe.models.loading import check_same_family, model_label
+from boxprobe.models.loading import model_label
 from boxprobe.models.batching import halve_on_oom
+from boxprobe.causal.stats import long_per_pair, summarise
 from boxprobe.data.pairs import (  # noqa: F401  (re-exported, so one import serves a whole study)
     Metric, PairBatch, answer_accuracy, attach_baselines, build_pairs, collate_pairs, logit_diff,
-    normalised_logit_diff, with_baselines)
-from boxprobe.errors import ArgumentError, ConfigError
+    normalised_logit_diff, prob_change, with_baselines)
+
 
 logger = logging.getLogger(__name__)
 
@@ -174,59 +178,111 @@ def _stacked_hook(act, hook, *, entries, n: int, offset: int):
 
 
 def _evaluate(metrics: Mapping[str, Metric], logits, batch: PairBatch) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(f(logits, batch)).float().mean().cpu() for f in metrics.values()])
+    """[metric, pair] values of ``logits``."""
+    n = len(batch)
+    return torch.stack([torch.as_tensor(f(logits, batch)).float().reshape(-1).expand(n).cpu() for f in metrics.values()])
+
+
+def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, offset: int, pos: torch.Tensor):
+    # Record each site's activation at its rows' position ``pos``; rows before ``offset`` keep the target's.
+    rows = torch.arange(n, device=act.device)
+    keep = pos >= offset
+    for block, site in enumerate(sites):
+        out[site, rows[keep]] = act[block * n + rows[keep], pos[keep] - offset].to(out.dtype).cpu()
+    return act
 
 
 @halve_on_oom("max_batch", "patching")  # reruns with half the rows per forward on out-of-memory
 def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], metrics: Mapping[str, Metric], *,
                   target: Literal["clean", "corrupt"], max_batch: int = 64, kv_prefix: bool | None = None,
-                  split_qkv: bool = False, shortcuts: bool = True,
-                  progress: bool = True) -> Float[torch.Tensor, "site metric"]:
-    """Each metric (mean over pairs) with each site's patches applied to the ``target`` prompts.
+                  split_qkv: bool = False, shortcuts: bool = True, progress: bool = True,
+                  collect: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  skip_layers: bool | None = None) -> Float[torch.Tensor, "site metric pair"]:
+    """Each metric, per pair, with each site's patches applied to the ``target`` prompts.
+
+    ``collect``: hook name -> (pos [pair], out [site, pair, ...]); each site's activation of that hook at
+    ``pos`` is written into ``out`` (prefilled by the caller with the unpatched run's values, which rows
+    whose ``pos`` lies in a cached prefix keep).
 
     ``max_batch``: rows per forward (sites x pairs; at least one site). ``kv_prefix``: reuse the target's
     key-value cache before each chunk's first changed position (None: when ``kv_cache_works``).
-    ``shortcuts=False`` runs every site over every position (no skipping, no cache), for comparison."""
+    ``skip_layers``: start a site whose patches all sit at layer L or above at block L, from the target's
+    residual stream (exact: nothing below L changes; None: with ``kv_prefix`` when the target's residual
+    streams fit in 512 MiB; never with left padding, whose positions a later block cannot recover). ``shortcuts=False`` runs every site over every position (no skipping, no
+    cache), for comparison."""
     check_choice("target", target, ("clean", "corrupt"))
     tokens, mask = (batch.clean_tokens if target == "clean" else batch.corrupt_tokens), batch.attention_mask
     n = tokens.shape[0]
     if shortcuts:
         starts = [min((p.start for p in site if p.start is not None), default=None) for site in sites]
     else:
-        starts, kv_prefix = [0] * len(sites), False
+        starts, kv_prefix, skip_layers = [0] * len(sites), False, False
         sites = [[p._replace(start=0) for p in site] for site in sites]
-    live = sorted((i for i, s in enumerate(starts) if s is not None), key=lambda i: -starts[i])
-    values = torch.empty(len(sites), len(metrics))
+    # A site whose patches all sit at layer L or above leaves layers below L as in the target run.
+    floor = min((_hook_layer(name) for name in (collect or {})), default=model.cfg.n_layers)
+    layer_of = [min([_hook_layer(p.hook) for p in site if p.start is not None] + [floor]) for site in sites]
+    live = [i for i, s in enumerate(starts) if s is not None]
+    values = torch.empty(len(sites), len(metrics), n)
     per_forward = max(1, max_batch // n)
     with torch.inference_mode(), cache_keyword_fix(model), split_qkv_input(model, split_qkv):
-        values[:] = _evaluate(metrics, model(tokens, attention_mask=mask), batch)
         if kv_prefix is None:
             kv_prefix = bool(live) and max(starts[i] for i in live) > 0 and kv_cache_works(
                 model, tokens[0, int(batch.pad[0]):].tolist())
-        prefix: dict[int, object] = {}
+        if skip_layers is None:  # the target's residual stream at every layer is kept for the whole batch
+            skip_layers = kv_prefix and tokens.numel() * model.cfg.d_model * model.cfg.n_layers * 4 <= 2 ** 29
+        # Starting at a later block takes positions from the cache length, not from the mask: no padding then.
+        skip_layers = bool(skip_layers and kv_prefix and (mask is None or bool(mask.all())))
+        if not skip_layers:
+            layer_of = [0] * len(sites)
+        # Chunks of one start layer and neighbouring start positions: little is recomputed in either.
+        live.sort(key=lambda i: (layer_of[i], -starts[i]))
+        resid: dict[int, torch.Tensor] = {}
+        needed = sorted({layer_of[i] for i in live} - {0})
+
+        def keep(act, hook):
+            resid[_hook_layer(hook.name)] = act.clone()
+            return act
+
+        with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in needed]):
+            if kv_prefix:
+                logits, full_kv = model(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+            else:
+                logits = model(tokens, attention_mask=mask)
+        values[:] = _evaluate(metrics, logits, batch)
         chunks = [live[i:i + per_forward] for i in range(0, len(live), per_forward)]
         for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
             offset = min(starts[i] for i in chunk) if kv_prefix else 0
+            first = min(layer_of[i] for i in chunk)
             entries = defaultdict(list)
             for block, i in enumerate(chunk):
                 for patch in sites[i]:
                     if patch.start is not None:
                         entries[patch.hook].append((block, patch.setter))
             hooks = [(name, partial(_stacked_hook, entries=e, n=n, offset=offset)) for name, e in entries.items()]
+            hooks += [(name, partial(_collect_hook, out=out, sites=chunk, n=n, offset=offset, pos=pos))
+                      for name, (pos, out) in (collect or {}).items()]
             rows = torch.arange(n, device=tokens.device).repeat(len(chunk))
-            full_mask = mask if mask is not None else torch.ones_like(tokens) if offset else None
+            full_mask = mask  # unpadded: the causal mask alone is right, and cheaper to build
             kwargs = {"attention_mask": None if full_mask is None else full_mask[rows]}
             if offset:
-                if offset not in prefix:  # chunks come in decreasing offset: keep only the current prefix
-                    prefix = {offset: model(tokens[:, :offset], attention_mask=kwargs["attention_mask"][:n, :offset],
-                                            return_type="logits_and_cache", use_cache=True)[1]}
-                kwargs["past_key_values"] = copy.deepcopy(prefix[offset])
-                kwargs["past_key_values"].reorder_cache(rows)
+                kv = copy.deepcopy(full_kv)  # the target's own keys and values before the chunk's first change
+                kv.crop(offset - tokens.shape[1])  # transformers 5: a negative count drops the last positions
+                kv.reorder_cache(rows)
+                kwargs["past_key_values"] = kv
+            inputs = tokens[rows, offset:]
+            if first:
+                inputs, kwargs["start_at_layer"] = resid[first][rows, offset:], first
             with model.hooks(fwd_hooks=hooks):
-                logits = model(tokens[rows, offset:], **kwargs)
+                logits = model(inputs, **kwargs)
             for block, i in enumerate(chunk):
                 values[i] = _evaluate(metrics, logits[block * n:(block + 1) * n], batch)
     return values
+
+
+def _hook_layer(name: str) -> int:
+    """The block a hook belongs to (0 for hooks before the first block)."""
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else 0
 
 
 # -- activation patching ----------------------------------------------------------------------------
@@ -278,31 +334,57 @@ def _z(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
-def _frame(model, keys: list[tuple], columns: list[str], values: torch.Tensor) -> pd.DataFrame:
-    frame = pd.DataFrame(keys, columns=columns).assign(value=values.numpy())
-    frame.insert(0, "model", model_label(model))
-    return frame
+def metric_name(metric: Metric) -> str:
+    """The name a metric's rows carry (``prob_change``, ``logit_diff``, ...)."""
+    return getattr(metric, "__name__", None) or type(metric).__name__
+
+
+def position_columns(label) -> tuple[str, int]:
+    """(position_role, position_index) of a position site label: a role, "all", or an int index."""
+    if isinstance(label, (int, np.integer)):
+        return "", int(label)
+    return str(label), -1
+
+
+def _frame(model, keys: list[tuple], columns: list[str], values: torch.Tensor, batch: PairBatch,
+           metric: Metric | str = "value", per_pair: bool = False, n_boot: int = 1000) -> pd.DataFrame:
+    """Tidy result of a sweep: ``values`` [site, pair] summarised with clustered intervals, or long per pair."""
+    rows = []
+    for key in keys:
+        row = dict(zip(columns, key))
+        if "position" in row:
+            row["position_role"], row["position_index"] = position_columns(row.pop("position"))
+        rows.append(row)
+    key_frame = pd.DataFrame(rows)
+    key_frame.insert(0, "model", model_label(model))
+    name = metric if isinstance(metric, str) else metric_name(metric)
+    if per_pair:
+        return long_per_pair(key_frame, values.numpy(), batch.contexts, metric=name)
+    return summarise(key_frame, values.numpy(), batch.contexts, metric=name, n_boot=n_boot)
 
 
 def patch_resid_pre(model, batch: PairBatch, *, metric: Metric = normalised_logit_diff,
-                    direction: Direction = "denoising", layers: Sequence[int] | None = None, positions: Positions = "each", **loop) -> pd.DataFrame:
-    """Patch ``blocks.{l}.hook_resid_pre`` by layer x position: columns model, layer, position, token, value.
+                    direction: Direction = "denoising", layers: Sequence[int] | None = None, positions: Positions = "each",
+                    per_pair: bool = False, **loop) -> pd.DataFrame:
+    """Patch ``blocks.{l}.hook_resid_pre`` by layer x position: columns model, layer, position_role,
+    position_index, token, metric, value, ci_low, ci_high, n_pairs, n_contexts (module docstring).
 
     ``positions``: "each" (every padded index), "all", a role (see ``PairBatch.positions``), an int, or a
     list of these. ``loop`` goes to :func:`generic_patch` (max_batch, kv_prefix, shortcuts, progress)."""
-    return _layer_sweep(model, batch, "hook_resid_pre", metric, direction, layers, positions, loop)
+    return _layer_sweep(model, batch, "hook_resid_pre", metric, direction, layers, positions, per_pair, loop)
 
 
 def patch_layer_outputs(model, batch: PairBatch, component: Literal["attn_out", "mlp_out"] = "attn_out", *,
                         metric: Metric = normalised_logit_diff, direction: Direction = "denoising",
-                        layers: Sequence[int] | None = None, positions: Positions = "all", **loop) -> pd.DataFrame:
+                        layers: Sequence[int] | None = None, positions: Positions = "all", per_pair: bool = False,
+                        **loop) -> pd.DataFrame:
     """Patch each layer's attention or MLP output (``hook_attn_out`` / ``hook_mlp_out``) at all or given
-    positions: columns model, layer, position, token, value."""
+    positions: columns as :func:`patch_resid_pre`."""
     check_choice("component", component, ("attn_out", "mlp_out"))
-    return _layer_sweep(model, batch, f"hook_{component}", metric, direction, layers, positions, loop)
+    return _layer_sweep(model, batch, f"hook_{component}", metric, direction, layers, positions, per_pair, loop)
 
 
-def _layer_sweep(model, batch, hook, metric, direction, layers, positions, loop) -> pd.DataFrame:
+def _layer_sweep(model, batch, hook, metric, direction, layers, positions, per_pair, loop) -> pd.DataFrame:
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     names = [f"blocks.{layer}.{hook}" for layer in layers]
     batch, target, source, _, differs = _prepare(model, batch, names, direction)
@@ -311,13 +393,14 @@ def _layer_sweep(model, batch, hook, metric, direction, layers, positions, loop)
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
     tokens = [_token_label(model.tokenizer, batch, pos) for _, pos in where]
     keys = [(layer, label, token) for layer in layers for (label, _), token in zip(where, tokens)]
-    return _frame(model, keys, ["layer", "position", "token"], values)
+    return _frame(model, keys, ["layer", "position", "token"], values, batch, metric, per_pair)
 
 
 def patch_heads(model, batch: PairBatch, *, metric: Metric = normalised_logit_diff, direction: Direction = "denoising",
-                positions: Positions = "all", **loop) -> pd.DataFrame:
-    """Patch each head's output (``attn.hook_z``): columns model, layer, head, value (and position when
-    ``positions`` names more than one: "each" or a list)."""
+                positions: Positions = "all", per_pair: bool = False, **loop) -> pd.DataFrame:
+    """Patch each query head's output (``attn.hook_z``, one slot per query head also under grouped-query
+    attention): columns model, layer, position_role, position_index, head_index, metric, value and the
+    interval columns."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     names = [_z(layer) for layer in range(n_layers)]
     batch, target, source, _, differs = _prepare(model, batch, names, direction)
@@ -326,9 +409,7 @@ def patch_heads(model, batch: PairBatch, *, metric: Metric = normalised_logit_di
     sites = [[copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, [head])]
              for layer in range(n_layers) for _, pos in where for head in range(n_heads)]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
-    frame = _frame(model, keys, ["layer", "position", "head"], values)
-    many = positions == "each" or not isinstance(positions, (str, int, type(None)))
-    return frame if many else frame.drop(columns="position")
+    return _frame(model, keys, ["layer", "position", "head_index"], values, batch, metric, per_pair)
 
 
 def _group_patches(source, differs, heads: Mapping[int, list[int]], pos) -> list[Patch]:
@@ -336,151 +417,17 @@ def _group_patches(source, differs, heads: Mapping[int, list[int]], pos) -> list
 
 
 def patch_head_groups(model, batch: PairBatch, groups: Mapping[str, Heads], *, metric: Metric = normalised_logit_diff,
-                      direction: Direction = "denoising", positions: Positions = "all", **loop) -> pd.DataFrame:
-    """Patch each group of (layer, head) together: columns model, group, position, value."""
+                      direction: Direction = "denoising", positions: Positions = "all", per_pair: bool = False,
+                      **loop) -> pd.DataFrame:
+    """Patch each group of (layer, head) together: columns model, group, position_role, position_index,
+    metric, value and the interval columns."""
     groups = {name: _heads(hs) for name, hs in groups.items()}
     names = sorted({_z(layer) for hs in groups.values() for layer in hs})
     batch, target, source, _, differs = _prepare(model, batch, names, direction)
     where = _position_sites(batch, positions)
     sites = [_group_patches(source, differs, hs, pos) for hs in groups.values() for _, pos in where]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
-    return _frame(model, [(name, label) for name in groups for label, _ in where], ["group", "position"], values)
+    return _frame(model, [(name, label) for name in groups for label, _ in where], ["group", "position"], values,
+                  batch, metric, per_pair)
 
 
-# -- path patching ----------------------------------------------------------------------------------
-
-
-def path_patch(model, batch: PairBatch, senders: Mapping[str, Heads] | Literal["each"], receivers: Heads, *,
-               components: Sequence[str] = ("q", "k", "v"), receiver_positions: Positions = "all",
-               metric: Metric = normalised_logit_diff, direction: Direction = "denoising", **loop) -> pd.DataFrame:
-    """Direct-path patching from sender heads into the receivers' queries, keys or values (module docstring).
-
-    ``senders``: named head groups (each patched as one sender), or "each" for every head of a layer
-    below the last receiver's. All receivers are patched together; a receiver at or below a sender's
-    layer gets nothing from it. ``receiver_positions``: the receivers' input positions patched ("all" or
-    one position spec). Columns: model, sender, layer, head (the sender head; -1 for a group), component, value."""
-    by_layer = _heads(receivers)
-    for c in components:
-        check_choice("component", c, ("q", "k", "v"))
-    kv = getattr(model.cfg, "n_key_value_heads", None)
-    if kv not in (None, model.cfg.n_heads) and set(components) - {"q"}:
-        raise ConfigError(f"{model_label(model)} shares keys and values between query heads (n_key_value_heads="
-                         f"{kv}, n_heads={model.cfg.n_heads}); per-head K/V path patching is undefined. "
-                         "Use components=('q',).")
-    if senders == "each":
-        senders = {f"L{l}H{h}": [(l, h)] for l in range(max(by_layer, default=0)) for h in range(model.cfg.n_heads)}
-    groups = {name: _heads(hs) for name, hs in senders.items()}
-    names = sorted({_z(layer) for hs in groups.values() for layer in hs})
-    batch, target, source, tgt, differs = _prepare(model, batch, names, direction)
-    where = _position_sites(batch, receiver_positions)
-    if len(where) != 1:
-        raise ArgumentError(f"receiver_positions takes one position spec, got {receiver_positions!r}.")
-    (_, pos), = where
-    with torch.inference_mode():
-        z_diff = {n: source[n] - tgt[n] for n in names}
-    sites, keys = [], []
-    for name, heads in groups.items():
-        for c in components:
-            site = []
-            for r_layer, r_heads in by_layer.items():
-                upstream = [(layer, hs) for layer, hs in heads.items() if layer < r_layer]
-                writes = [(z_diff[_z(layer)], hs, model.blocks[layer].attn.W_O) for layer, hs in upstream]
-                starts = [s for layer, hs in upstream if (s := _start(differs[_z(layer)], pos, hs)) is not None]
-                setter = partial(add_path_setter, writes=writes, heads=r_heads, pos=pos)
-                site.append(Patch(f"blocks.{r_layer}.attn.hook_{c}_input", setter, min(starts, default=None)))
-            sites.append(site)
-            flat = [(layer, h) for layer, hs in heads.items() for h in hs]
-            keys.append((name, *(flat[0] if len(flat) == 1 else (-1, -1)), c))
-    values = generic_patch(model, batch, sites, {"value": metric}, target=target, split_qkv=True, **loop)[:, 0]
-    return _frame(model, keys, ["sender", "layer", "head", "component"], values)
-
-
-# -- faithfulness -----------------------------------------------------------------------------------
-
-
-def faithfulness(model, batch: PairBatch, heads: Heads, *, positions: Sequence[str | int] = DEFAULT_KEY_POSITIONS,
-                 reference: PairBatch | None = None, n_random: int = 10, seed: int = 0,
-                 metric: Metric = normalised_logit_diff, **loop) -> pd.DataFrame:
-    """Mean-ablate every head outside ``heads`` at the key ``positions`` of the clean prompts.
-
-    A head's output at a key position is replaced by its mean at that role over the clean prompts of
-    ``reference`` (default: ``batch``); other positions and the MLPs are untouched. Rows: ``full`` (no
-    ablation), ``circuit``, ``empty`` (every head ablated) and ``random_0..`` (``n_random`` head sets of the
-    circuit's size, drawn with ``seed``). Columns: set, kind, n_heads, accuracy, value (the metric) and
-    kept = (value - empty) / (full - empty)."""
-    circuit = sorted({(int(l), int(h)) for l, h in heads})
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    names = [_z(layer) for layer in range(n_layers)]
-    batch, _, _, clean, _ = _prepare(model, batch, names, "noising")
-    ref_batch = batch if reference is None else reference.to(model.cfg.device)
-    if reference is None:
-        ref = clean
-    else:
-        with torch.inference_mode():
-            ref = _run(model, ref_batch.clean_tokens, ref_batch.attention_mask, names)[1]
-    where = [(p, batch.positions(p)) for p in positions]
-    rows = torch.arange(len(batch), device=batch.clean_tokens.device)
-    means, differs = {}, {}
-    with torch.inference_mode():
-        for name in names:  # every key position of every row gets its role's mean
-            means[name] = clean[name].clone()
-            for p, pos in where:
-                means[name][rows, pos] = ref[name][torch.arange(len(ref_batch)), ref_batch.positions(p)].mean(0)
-            differs[name] = differences(means[name], clean[name])
-    everyone = [(l, h) for l in range(n_layers) for h in range(n_heads)]
-    rng = np.random.default_rng(seed)
-    sets = {"full": everyone, "circuit": circuit, "empty": []}
-    for i in range(n_random):
-        sets[f"random_{i}"] = [everyone[j] for j in sorted(rng.choice(len(everyone), size=len(circuit), replace=False))]
-    sites = [[copy_patch(_z(l), means[_z(l)], differs[_z(l)], pos, hs)
-              for l, hs in _heads(set(everyone) - set(kept)).items() for _, pos in where] for kept in sets.values()]
-    values = generic_patch(model, batch, sites, {"accuracy": answer_accuracy, "value": metric}, target="clean", **loop)
-    frame = pd.DataFrame({"set": list(sets), "kind": [s.split("_")[0] for s in sets],
-                          "n_heads": [len(s) for s in sets.values()],
-                          "accuracy": values[:, 0].numpy(), "value": values[:, 1].numpy()})
-    full, empty = frame.set_index("set").loc[["full", "empty"], "value"]
-    return frame.assign(kept=(frame["value"] - empty) / (full - empty))
-
-
-# -- cross-model activation patching ----------------------------------------------------------------
-
-
-def cross_model_patch(recipient, donor, batch: PairBatch, groups: Mapping[str, Heads] | None = None, *,
-                      per_layer: Literal["heads", "resid_pre"] | None = "heads", positions: Positions = "all",
-                      allow_vocab_extension: bool = True, **loop) -> pd.DataFrame:
-    """Patch the donor's activations into the recipient on the same (clean) prompts (CMAP).
-
-    Sites: each head group (its heads' ``attn.hook_z``), and per layer either all of its heads
-    (``"heads"``, rows ``L{l} heads``) or its residual stream (``"resid_pre"``, rows ``L{l} resid_pre``).
-    Accuracy is the first-differing-answer-token proxy (``answer_accuracy``); logit_diff is
-    ``logit_diff``. A final ``donor`` row has the donor's own values as ``after``. Columns: group, metric,
-    before, after. Raises ``ModelMismatchError`` unless ``check_same_family`` passes."""
-    check_same_family(recipient, donor, allow_vocab_extension=allow_vocab_extension)
-    batch = batch.to(recipient.cfg.device)
-    n_layers = recipient.cfg.n_layers
-    groups = {name: _heads(hs) for name, hs in (groups or {}).items()}
-    names = [_z(layer) for layer in range(n_layers)] + [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    with torch.inference_mode():
-        donor_logits, source = _run(donor, batch.clean_tokens, batch.attention_mask, names)
-        source = {n: a.to(recipient.cfg.device, recipient.cfg.dtype) for n, a in source.items()}
-        _, target = _run(recipient, batch.clean_tokens, batch.attention_mask, names)
-        differs = {n: differences(source[n], target[n]) for n in names}
-    where = _position_sites(batch, positions)
-    sites, labels = [], []
-    suffix = lambda label: "" if len(where) == 1 else f" @ {label}"  # noqa: E731
-    for name, heads in groups.items():
-        for label, pos in where:
-            sites.append(_group_patches(source, differs, heads, pos))
-            labels.append(name + suffix(label))
-    for layer in range(n_layers) if per_layer else []:
-        hook = _z(layer) if per_layer == "heads" else f"blocks.{layer}.hook_resid_pre"
-        for label, pos in where:
-            sites.append([copy_patch(hook, source[hook], differs[hook], pos)])
-            labels.append(f"L{layer} {per_layer}" + suffix(label))
-    metrics = {"accuracy": answer_accuracy, "logit_diff": logit_diff}
-    values = generic_patch(recipient, batch, [[]] + sites, metrics, target="clean", **loop)
-    before, after, donor_values = values[0], values[1:], _evaluate(metrics, donor_logits, batch)
-    rows = [(label, m, float(before[j]), float(after[i, j])) for i, label in enumerate(labels)
-            for j, m in enumerate(metrics)]
-    rows += [("donor", m, float(before[j]), float(donor_values[j])) for j, m in enumerate(metrics)]
-    return pd.DataFrame(rows, columns=["group", "metric", "before", "after"])

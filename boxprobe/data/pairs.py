@@ -15,6 +15,12 @@ one thing, named by the desideratum it isolates:
                   0). ``logit_diff`` reads this most directly; the metric tokens suit denoising only.
 ``random-label``  the queried label replaced by one the prompt never names (``Box 9`` with 7 boxes) and
                   the tokenizer knows; the corrupt answer is ``nothing`` (an unmentioned box holds nothing).
+``random-query``  the default, Prakash et al.'s pairs (:mod:`boxprobe.data.counterfactual`): the corrupt
+                  prompt is another context queried at an unused label, both end in the answer prefix
+                  " the", and the clean run's correct object is scored there. Only non-empty boxes the
+                  model answers correctly, stratified by numops, one per context by default.
+
+The first four kinds are the earlier, named variants; they compare answers as follows.
 
 Answer tokens. The two answers are compared on their FIRST DIFFERING TOKEN. The longest run of whole
 words both continuations start with (``" the"`` for ``" the apple."`` vs ``" the ball."``, nothing for
@@ -51,9 +57,11 @@ from boxprobe.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
-PAIR_KINDS = ("query-box", "object-value", "positional", "random-label")
-REJECT_REASONS = ("length", "same_answer", "tokenization", "no_candidate", "unparsable")
-POSITION_SPECS = ("query_last", "query_box", "box_mention", "state_end", "object_first", "object_last")
+PAIR_KINDS = ("random-query", "query-box", "object-value", "positional", "random-label")
+DEFAULT_KIND = "random-query"
+REJECT_REASONS = ("length", "same_answer", "tokenization", "no_candidate", "unparsable", "empty", "wrong")
+POSITION_SPECS = ("answer_prefix", "query_last", "query_box", "box_mention", "state_end", "object_first",
+                  "object_last")
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,14 +241,16 @@ def _candidates(kind: str, ex: Example, prompt: str, rng: np.random.Generator,
         check_choice("pair kind", kind, PAIR_KINDS)
 
 
-def build_pairs(model, queries: QuerySet, kind: str, *, seed: int = 0, limit: int | None = None,
-                max_tries: int = 20) -> tuple[list[Pair], PairStats]:
+def build_pairs(model, queries: QuerySet, kind: str = DEFAULT_KIND, *, seed: int = 0, limit: int | None = None,
+                max_tries: int = 20, **random_query) -> tuple[list[Pair], PairStats]:
     """Equal-length clean/corrupt pairs of ``kind`` (see the module docstring) from a per-box query set.
 
     The clean examples are those of ``queries`` (:func:`boxprobe.data.queries.prepare`); clean and
     corrupt prompts are rendered with its spec and tokenised as ``prepare`` does. Candidates (other
     boxes, labels, objects, clause orders) are tried in a seeded random order; the first that gives an
     equal-length pair with different answer tokens is kept. ``limit`` stops after that many pairs.
+    ``random_query``: per_context, correct_only, pool, batch_size of
+    :func:`boxprobe.data.counterfactual.build_random_query_pairs` (random-query pairs only).
     """
     check_choice("pair kind", kind, PAIR_KINDS)
     if not isinstance(queries, QuerySet):
@@ -248,6 +258,12 @@ def build_pairs(model, queries: QuerySet, kind: str, *, seed: int = 0, limit: in
     queries.check_model(model)
     if queries.spec.format != "per-box":
         raise ConfigError("Pairs are built from per-box queries; prepare them with format='per-box'.")
+    if kind == "random-query":
+        from boxprobe.data.counterfactual import build_random_query_pairs
+
+        return build_random_query_pairs(model, queries, seed=seed, limit=limit, max_tries=max_tries, **random_query)
+    if random_query:
+        raise ArgumentError(f"{sorted(random_query)} apply to random-query pairs only, not to {kind!r}.")
     builder, rng = _Builder(model.tokenizer, queries.spec), np.random.default_rng(seed)
     stats, pairs = PairStats(kind), []
     for ex in queries.examples:
@@ -299,9 +315,18 @@ class PairBatch:
     clean_logit_diff: torch.Tensor | None = None
     """Per-pair logit difference of the unpatched clean run (set by ``patching.with_baselines``)."""
     corrupt_logit_diff: torch.Tensor | None = None
+    clean_prob: torch.Tensor | None = None
+    """Per-pair probability of the clean answer token in the unpatched clean run."""
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    @property
+    def contexts(self) -> list[str]:
+        """Each pair's clean context (sample_id:num_operations): the unit intervals are clustered by."""
+        from boxprobe.data.counterfactual import context_key
+
+        return [context_key(p.clean.examples[0]) for p in self.pairs]
 
     @property
     def n_pos(self) -> int:
@@ -324,6 +349,8 @@ class PairBatch:
             box = int(t.loc[t["role"] == "query_box", "box"].iloc[0])
             if spec in ("query_last", "query_box", "state_end"):
                 rows = t[t["role"] == spec]
+            elif spec == "answer_prefix":
+                rows = t[(t["role"] == spec) & (t["k"] == 0)] if "k" in t else t.iloc[:0]
             elif spec == "box_mention":
                 rows = t[(t["role"] == spec) & (t["box"] == box) & (t["mention"] == "initial")]
             else:
@@ -340,7 +367,7 @@ class PairBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairBatch(self.pairs, *(move(getattr(self, f)) for f in (
             "clean_tokens", "corrupt_tokens", "attention_mask", "clean_answer", "corrupt_answer", "pad",
-            "clean_logit_diff", "corrupt_logit_diff")))
+            "clean_logit_diff", "corrupt_logit_diff", "clean_prob")))
 
     def select(self, index: Sequence[int]) -> "PairBatch":
         """The rows ``index`` (a sub-batch; padding columns are kept)."""
@@ -348,7 +375,7 @@ class PairBatch:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return PairBatch([self.pairs[i] for i in index], self.clean_tokens[idx], self.corrupt_tokens[idx],
                          pick(self.attention_mask), self.clean_answer[idx], self.corrupt_answer[idx], self.pad[idx],
-                         pick(self.clean_logit_diff), pick(self.corrupt_logit_diff))
+                         pick(self.clean_logit_diff), pick(self.corrupt_logit_diff), pick(self.clean_prob))
 
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int, device: str | torch.device = "cpu") -> PairBatch:
@@ -395,6 +422,19 @@ def answer_accuracy(logits: Float[torch.Tensor, "batch pos d_vocab"], batch: Pai
     return (logits[:, -1].argmax(-1) == batch.clean_answer).float()
 
 
+def prob_change(logits: Float[torch.Tensor, "batch pos d_vocab"], batch: PairBatch) -> Float[torch.Tensor, "batch"]:
+    """Prakash et al.'s metric: (p_patched - p_clean) / p_clean of the clean answer token at the last position.
+
+    0 at the clean run; -1 when patching removes all of the correct object's probability. Follows
+    ``get_caches`` / ``patching_heads`` in Nix07/finetuning ``path_patching/pp_utils.py`` (softmax
+    probability of the correct object, relative to the clean run)."""
+    if batch.clean_prob is None:
+        raise ArgumentError("prob_change needs the unpatched clean probabilities; pass the batch through "
+                            "with_baselines(model, batch) first (the patching functions do).")
+    p = logits[:, -1].float().softmax(-1).gather(1, batch.clean_answer[:, None])[:, 0]
+    return (p - batch.clean_prob) / batch.clean_prob
+
+
 Metric = Callable[[Float[torch.Tensor, "batch pos d_vocab"], PairBatch], torch.Tensor]
 
 
@@ -405,7 +445,8 @@ def attach_baselines(batch: PairBatch, clean_logits: Float[torch.Tensor, "batch 
     if torch.isclose(clean.mean(), corrupt.mean()):
         logger.warning("clean and corrupt runs have the same mean logit difference (%.4g), so normalised_logit_diff "
                        "is undefined; use logit_diff (as for positional pairs).", float(clean.mean()))
-    return replace(batch, clean_logit_diff=clean, corrupt_logit_diff=corrupt)
+    prob = clean_logits[:, -1].float().softmax(-1).gather(1, batch.clean_answer[:, None])[:, 0]
+    return replace(batch, clean_logit_diff=clean, corrupt_logit_diff=corrupt, clean_prob=prob)
 
 
 def with_baselines(model, batch: PairBatch) -> PairBatch:

@@ -56,8 +56,9 @@ class DemoConfig:
     """Prompts per forward pass."""
     attention_queries: int = 200
     """Queries used for the attention analysis."""
-    patching_pairs: int = 8
-    """Counterfactual pairs per kind used for activation patching."""
+    patching_pairs: int = 16
+    """Random-query pairs (one per context) for circuit discovery and patching; CMAP uses up to as many
+    pairs the base model gets wrong."""
     probe_train_states: int = 100
     """Training states (all 7 boxes each) the probes are fit on; the probe stage's cost grows with it."""
     threads: int | None = 1
@@ -111,28 +112,30 @@ def attention_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_que
 
 
 def patching_stage(models: dict, queries: dict[str, QuerySet], out: Path, n_pairs: int, batch_size: int) -> None:
-    """Query-box activation patching in the base model, and CMAP from the second model into it.
+    """The base model's circuit (Prakash et al.) on random-query pairs, with CMAP from the second model.
 
-    Writes ``patching_resid.csv`` (layer x position), ``patching_heads.csv`` (each head at the query
-    token) and ``cmap.csv`` (the base before/after receiving the donor's heads, per layer and for
-    the four heads that matter most in the base).
+    Writes ``circuit.json`` / ``circuit_scores.csv`` / ``circuit_sets.csv`` (discovery and evaluation,
+    :func:`boxprobe.causal.study.circuit_study`), ``cmap.csv`` (the second model's group outputs patched
+    into the base on pairs the base gets wrong), ``patching_resid.csv`` (the residual stream at each
+    layer and key role) and ``patching_heads.csv`` (each head at the answer position), both noising with
+    the relative change of the correct object's probability.
     """
-    from boxprobe.causal.patching import build_pairs, collate_pairs, cross_model_patch, patch_heads, patch_resid_pre
+    from boxprobe.causal.patching import patch_heads, patch_resid_pre, prob_change
+    from boxprobe.causal.study import CircuitStudyConfig, circuit_study
 
     (base_name, base), *others = models.items()
-    pairs, stats = build_pairs(base, queries[base_name], "query-box", limit=n_pairs)
-    logger.info("patching pairs: %s", stats)
-    batch = collate_pairs(pairs, base.tokenizer.pad_token_id, base.cfg.device)
-    loop = {"max_batch": batch_size, "progress": False}
-    atomic_write_csv(patch_resid_pre(base, batch, **loop).assign(model=base_name), out / "patching_resid.csv")
-    heads = patch_heads(base, batch, positions="query_last", **loop).assign(model=base_name)
-    atomic_write_csv(heads, out / "patching_heads.csv")
-    if others:
-        donor_name, donor = others[0]
-        top = heads.nlargest(4, "value")
-        groups = {"top-4 heads of " + base_name: [(int(r.layer), int(r.head)) for r in top.itertuples()]}
-        cmap = cross_model_patch(base, donor, batch, groups, **loop)
-        atomic_write_csv(cmap.assign(recipient=base_name, donor=donor_name), out / "cmap.csv")
+    donor = others[0][1] if others else None
+    cfg = CircuitStudyConfig(n_pairs=n_pairs, n_reference=max(4, n_pairs // 3), top_k=(3, 3, 2, 1), n_random=3,
+                             minimality=False, cmap_pairs=n_pairs, max_batch=max(batch_size, 64))
+    circuit = circuit_study(base, queries[base_name], out, cfg, donor=donor)
+    logger.info("circuit of %s: %s (faithfulness %s)", base_name, circuit.groups, circuit.faithfulness)
+    batch = circuit.batch
+    loop = {"max_batch": max(batch_size, 64), "progress": False, "metric": prob_change, "direction": "noising"}
+    roles = ["box_mention", "query_box", "query_last", "answer_prefix"]
+    atomic_write_csv(patch_resid_pre(base, batch, positions=roles, **loop).assign(model=base_name),
+                     out / "patching_resid.csv")
+    atomic_write_csv(patch_heads(base, batch, positions="answer_prefix", **loop).assign(model=base_name),
+                     out / "patching_heads.csv")
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> Path:

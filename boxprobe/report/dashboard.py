@@ -17,10 +17,11 @@ when its file exists, a section with no files shows a one-line "not run" note):
 ``selectivity.csv``         model, layer, selectivity[, ci_low, ci_high, probe]
 ``causal_check.csv``        model, layer, condition, metric, value, ci_low, ci_high[, n] (one figure per model)
 ``model_difference.csv``    layer, diff, ci_low, ci_high[, model_a, model_b] (one figure per pair)
-``patching_resid.csv``      model, layer, position, value[, token] (one figure per model)
-``patching_heads.csv``      model, layer, head, value (one figure per model)
+``patching_resid.csv``      model, layer, position_index, value[, token] (one figure per model)
+``patching_heads.csv``      model, layer, head_index, value (one figure per model)
 ``attention_heads.csv``     model, layer, head, role, mean (one figure per model and role)
-``cmap.csv``                group, metric ("accuracy" | "logit_diff"), before, after
+``cmap.csv``                group, metric, stage ("before" | "after" | "donor"), value[, ci_low, ci_high]
+``circuit.json``            groups, positions, faithfulness, n_pairs (``boxprobe circuit``; drawn per group)
 ==========================  ==================================================================
 """
 
@@ -159,10 +160,10 @@ RUN_FILES: dict[str, list[str]] = {
     "selectivity.csv": ["model", "layer", "selectivity"],
     "causal_check.csv": ["model", "layer", "condition", "metric", "value", "ci_low", "ci_high"],
     "model_difference.csv": ["layer", "diff", "ci_low", "ci_high"],
-    "patching_resid.csv": ["model", "layer", "position", "value"],
-    "patching_heads.csv": ["model", "layer", "head", "value"],
+    "patching_resid.csv": ["model", "layer", "position_index", "value"],
+    "patching_heads.csv": ["model", "layer", "head_index", "value"],
     "attention_heads.csv": ["model", "layer", "head_index", "role", "mean"],
-    "cmap.csv": ["group", "metric", "before", "after"],
+    "cmap.csv": ["group", "metric", "stage", "value"],
 }
 
 
@@ -281,8 +282,11 @@ def _difference(df):
 
 
 def _patching_resid(df):
-    return [(plots.patching_heatmap(d), f"{k[0]}: effect of patching the residual stream at "
-             "each layer and token position from the clean into the corrupted run.")
+    # Role sites (position_index -1) are drawn by role, index sites by padded index.
+    x = "position_role" if "position_role" in df.columns and (df["position_index"] < 0).all() else "position_index"
+    metric = df["metric"].iloc[0] if "metric" in df.columns and len(df) else "the metric"
+    return [(plots.patching_heatmap(d, x=x), f"{k[0]}: {metric} when the residual stream at each layer and "
+             "position is patched between the clean and the corrupt run.")
             for k, d in _split(df, ["model"])]
 
 
@@ -300,8 +304,28 @@ def _attention(df):
 
 
 def _cmap(df):
-    return [(plots.cmap_bars(df), "Cross-model activation patching: the metric of the base "
-             "model before and after patching in activations of the fine-tuned model.")]
+    n = int(df["n_pairs"].max()) if "n_pairs" in df.columns and len(df) else None
+    return [(plots.cmap_bars(df), "Cross-model activation patching: each circuit group's heads of the base model "
+             "receive the fine-tuned model's outputs at the group's position, on pairs the base model gets wrong"
+             + (f" ({n} pairs)" if n else "") + "; before, after, and the donor's own run, with 95% intervals "
+             "clustered by context.")]
+
+
+def _circuit_figures(run_dir: Path) -> list:
+    path = run_dir / "circuit.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), dict):
+        raise DataError(f"{path}: expected an object with 'groups'; rewrite it with `boxprobe circuit`")
+    comp = doc.get("evaluation", {}).get("completeness") or []
+    gaps = ", ".join(f"{c['group']} {c['gap']:.2f}" for c in comp)
+    return [(plots.circuit_heads(doc), "Heads found stage by stage from the logits back (path patching, "
+             f"{doc.get('variant', '?')} variant) and the position each is kept at. Faithfulness: accuracy with every "
+             "other head mean-ablated over the full model's" + (f"; completeness gaps: {gaps}" if gaps else "") + ".")]
 
 
 # Section title -> (file, figure builder) in display order.
@@ -313,6 +337,7 @@ _SECTIONS: list[tuple[str, list[tuple[str, Callable]]]] = [
     ("Activation patching", [("patching_resid.csv", _patching_resid),
                              ("patching_heads.csv", _patching_heads)]),
     ("Attention", [("attention_heads.csv", _attention)]),
+    ("Circuit", [("circuit.json", None)]),
     ("Cross-model activation patching", [("cmap.csv", _cmap)]),
 ]
 
@@ -346,7 +371,7 @@ def dashboard_from_run(run_dir: str | Path, path: str | Path | None = None) -> P
     for title, sources in _SECTIONS:
         figures = []
         for name, build in sources:
-            figures += _figures(run_dir, name, build)
+            figures += _circuit_figures(run_dir) if name == "circuit.json" else _figures(run_dir, name, build)
         files = ", ".join(name for name, _ in sources)
         sections.append(Section(title, figures, note=f"not run (no {files} in the run directory)"))
     for name in RUN_FILES:

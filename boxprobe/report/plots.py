@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "behaviour_accuracy", "probe_accuracy_by_layer", "selectivity_by_layer", "probe_heatmap",
-    "model_difference", "patching_heatmap", "head_heatmap", "attention_example", "cmap_bars",
+    "model_difference", "patching_heatmap", "head_heatmap", "attention_example", "cmap_bars", "circuit_heads",
 ]
 
 TEMPLATE = "plotly_white"
@@ -355,12 +355,12 @@ def causal_check_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
                    "p(correct first object)", accuracy=True)
 
 
-def patching_heatmap(df: pd.DataFrame, x: str = "position", y: str = "layer",
+def patching_heatmap(df: pd.DataFrame, x: str = "position_index", y: str = "layer",
                      value: str = "value", model: str | None = None,
                      title: str | None = None) -> go.Figure:
     """Activation-patching effect over layer × token position.
 
-    Columns: ``x`` (default ``position``), ``y`` (default ``layer``), ``value`` (default
+    Columns: ``x`` (default ``position_index``), ``y`` (default ``layer``), ``value`` (default
     ``value``, e.g. normalised logit difference); optional ``token`` (shown as x tick labels)
     and ``model`` (one panel per model unless ``model=`` picks one).
     """
@@ -380,10 +380,10 @@ def head_heatmap(df: pd.DataFrame, value: str = "value", model: str | None = Non
                  title: str | None = None) -> go.Figure:
     """Per-head scores over layer (y) × head (x), e.g. head patching effects or attention.
 
-    Columns: ``layer``, ``head``, ``value`` (or the column named by ``value``); optional
-    ``model`` (one panel per model unless ``model=`` picks one).
+    Columns: ``layer``, ``head_index`` (patching results) or ``head``, ``value`` (or the column named
+    by ``value``); optional ``model`` (one panel per model unless ``model=`` picks one).
     """
-    head = "head_index" if "head_index" in df.columns else "head"  # attention frames vs patching frames
+    head = "head_index" if "head_index" in df.columns else "head"
     _require(df, ["layer", head, value], "head_heatmap")
     return _heatmap_facets(df, head, "layer", value, "head_heatmap", model=model,
                            title=title or f"Per-head {value}" + (f": {model}" if model else ""),
@@ -423,28 +423,55 @@ def attention_example(tokens: list[str], attention, title: str = "Attention",
 
 
 def cmap_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """Cross-model activation patching: grouped bars before vs. after patching.
+    """Cross-model activation patching: the recipient before and after patching, and the donor, per group.
 
-    Columns: ``group``, ``metric`` ("accuracy" or "logit_diff"), ``before``, ``after``. Each
-    metric gets its own panel (the accuracy panel is fixed to 0..1).
+    Long columns: ``group``, ``metric``, ``stage`` ("before" | "after" | "donor"), ``value``, optional
+    ``ci_low`` / ``ci_high`` (error bars). Each metric gets its own panel (accuracy fixed to 0..1).
     """
-    _require(df, ["group", "metric", "before", "after"], "cmap_bars")
+    _require(df, ["group", "metric", "stage", "value"], "cmap_bars")
     metrics = list(dict.fromkeys(df["metric"].astype(str)))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics,
-                        horizontal_spacing=0.1)
+    stages = [s for s in ("before", "after", "donor") if s in set(df["stage"].astype(str))]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.1)
     for i, metric in enumerate(metrics, start=1):
         d = df[df["metric"].astype(str) == metric]
-        for j, col in enumerate(("before", "after")):
-            fig.add_trace(go.Bar(x=d["group"].astype(str), y=d[col], name=f"{col} patching",
-                                 marker_color=PALETTE[j], legendgroup=col, showlegend=i == 1,
-                                 hovertemplate=f"%{{x}}<br>{metric} {col}: %{{y:.3f}}"
-                                               "<extra></extra>"), row=1, col=i)
-        y_title = "accuracy (fraction correct)" if metric == "accuracy" else (
-            "logit difference (nats)" if metric == "logit_diff" else metric)
+        for j, stage in enumerate(stages):
+            e = d[d["stage"].astype(str) == stage]
+            err = None
+            if {"ci_low", "ci_high"} <= set(e.columns) and e["ci_low"].notna().any():
+                err = dict(type="data", symmetric=False, array=(e["ci_high"] - e["value"]).to_numpy(),
+                           arrayminus=(e["value"] - e["ci_low"]).to_numpy())
+            fig.add_trace(go.Bar(x=e["group"].astype(str), y=e["value"], name=stage, error_y=err,
+                                 marker_color=PALETTE[j], legendgroup=stage, showlegend=i == 1,
+                                 hovertemplate=f"%{{x}}<br>{metric} {stage}: %{{y:.3f}}<extra></extra>"),
+                          row=1, col=i)
+        y_title = {"accuracy": "accuracy (fraction correct)", "logit_diff": "logit difference (nats)",
+                   "logprob": "log-probability of the correct object"}.get(metric, metric)
         fig.update_yaxes(title_text=y_title, row=1, col=i)
         if metric == "accuracy":
             fig.update_yaxes(range=[0, 1], row=1, col=i)
     fig.update_layout(template=TEMPLATE, barmode="group",
                       title=title or "Cross-model activation patching (CMAP)")
-    fig.update_xaxes(title_text="patched component")
+    fig.update_xaxes(title_text="patched group")
     return fig
+
+
+def circuit_heads(circuit: dict, n_layers: int | None = None, n_heads: int | None = None,
+                  title: str | None = None) -> go.Figure:
+    """A circuit (``circuit.json``): each group's heads on the layer (y) × head (x) grid, one colour per
+    group, the group's position in the legend."""
+    groups = circuit.get("groups") or {}
+    positions = circuit.get("positions") or {}
+    heads = [h for hs in groups.values() for h in hs]
+    n_layers = n_layers or (max((h[0] for h in heads), default=0) + 1)
+    n_heads = n_heads or (max((h[1] for h in heads), default=0) + 1)
+    fig = go.Figure()
+    for j, (group, hs) in enumerate(groups.items()):
+        fig.add_trace(go.Scatter(x=[h[1] for h in hs], y=[h[0] for h in hs], mode="markers+text",
+                                 text=[f"{h[0]}.{h[1]}" for h in hs], textposition="top center",
+                                 marker=dict(size=14, color=PALETTE[j % len(PALETTE)], symbol="square"),
+                                 name=f"{group} @ {positions.get(group, '?')}"))
+    fig.update_xaxes(range=[-0.5, n_heads - 0.5], dtick=1)
+    fig.update_yaxes(range=[-0.5, n_layers - 0.5], dtick=max(1, n_layers // 16))
+    faith = circuit.get("faithfulness")
+    sub = f" (faithfulness {faith:.2f}, {circuit.get('n_pairs')} pairs)" if isinstance(faith, (int, float)) else ""
+    return _layout(fig, title or f"Circuit of {circuit.get('model', 'the model')}{sub}", "head", LAYER_TITLE)
