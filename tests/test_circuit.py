@@ -205,10 +205,8 @@ def test_grouped_query_receivers_patch_their_kv_head(smollm2):
 # -- discovery on a planted head -----------------------------------------------------------------------------
 
 
-def test_discovery_on_a_planted_head(tmp_path):
-    """Every head's W_O is zero but 1.2's: it is the only head whose output can reach the logits (in both
-    variants), layer-0 heads write nothing so they reach no query, and a group admits a head only when
-    its effect is below -min_effect."""
+def planted_model(tmp_path):
+    """Every head's W_O is zeroed except head 1.2's (scaled up): the one head that can write to the stream."""
     def plant(model, tok):
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
@@ -218,7 +216,14 @@ def test_discovery_on_a_planted_head(tmp_path):
                 if i == 1:
                     w[:, 2 * 16:3 * 16] = keep * 4
 
-    model = load_model(make_toy_checkpoint(tmp_path / "planted", d_model=64, init_std=0.2, edit=plant), device="cpu")
+    return load_model(make_toy_checkpoint(tmp_path / "planted", d_model=64, init_std=0.2, edit=plant), device="cpu")
+
+
+def test_discovery_on_a_planted_head(tmp_path):
+    """Every head's W_O is zero but 1.2's: it is the only head whose output can reach the logits (in both
+    variants), layer-0 heads write nothing so they reach no query, and a group admits a head only when
+    its effect is below -min_effect."""
+    model = planted_model(tmp_path)
     queries = prepare(model, examples_of(CFG), resolve_spec(model))
     pairs, _ = build_pairs(model, queries, "random-query", correct_only=False, limit=8)
     batch = collate_pairs(pairs, model.tokenizer.pad_token_id)
@@ -348,16 +353,7 @@ def test_dcm_learns_masks_where_the_desideratum_flows(tmp_path):
     masks sink together; the one writing head (1.2) moves differently. A large penalty selects nothing."""
     from boxprobe.causal.dcm import learn_head_mask
 
-    def plant(model, tok):
-        with torch.no_grad():
-            for i, layer in enumerate(model.model.layers):
-                w = layer.self_attn.o_proj.weight
-                keep = w[:, 2 * 16:3 * 16].clone()
-                w.zero_()
-                if i == 1:
-                    w[:, 2 * 16:3 * 16] = keep * 4
-
-    model = load_model(make_toy_checkpoint(tmp_path / "planted", d_model=64, init_std=0.2, edit=plant), device="cpu")
+    model = planted_model(tmp_path)
     queries = prepare(model, examples_of(CFG), resolve_spec(model))
     pairs, _ = build_pairs(model, queries, "object-value")
     batch = collate_pairs(pairs[:6], model.tokenizer.pad_token_id)
