@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from boxprobe.activations.attention import AttentionConfig, attention_to_roles
 from boxprobe.activations.cache import CacheConfig, build_cache
 from boxprobe.behaviour.evaluate import EvalConfig, evaluate
-from boxprobe.causal.patching import cross_model_patch, patch_heads
+from boxprobe.causal.cmap import cross_model_patch
+from boxprobe.causal.patching import patch_heads
 from boxprobe.data.pairs import build_pairs, collate_pairs, logit_diff
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
@@ -142,7 +143,7 @@ def test_patching_a_head_equals_a_hand_written_hook(smollm2, queries):
     batch = collate_pairs(pairs[:1], smollm2.tokenizer.pad_token_id)
     layer, head = 20, 7
     frame = patch_heads(smollm2, batch, positions="query_last", progress=False, metric=logit_diff)
-    got = float(frame.query("layer == @layer and head == @head")["value"].iloc[0])
+    got = float(frame.query("layer == @layer and head_index == @head")["value"].iloc[0])
     name = f"blocks.{layer}.attn.hook_z"
     with torch.inference_mode():
         _, clean = smollm2.run_with_cache(batch.clean_tokens, names_filter=lambda n: n == name)
@@ -158,9 +159,10 @@ def test_patching_a_head_equals_a_hand_written_hook(smollm2, queries):
 def test_cross_model_patch_from_itself_changes_nothing(smollm2, queries):
     pairs, _ = build_pairs(smollm2, queries, "query-box", limit=1)
     batch = collate_pairs(pairs, smollm2.tokenizer.pad_token_id)
-    cmap = cross_model_patch(smollm2, smollm2, batch, {"L29 all": [(29, h) for h in range(9)]}, per_layer=None,
-                             progress=False)
-    np.testing.assert_allclose(cmap["after"], cmap["before"], atol=1e-4)
+    cmap = cross_model_patch(smollm2, smollm2, batch, {"L29 all": [(29, h) for h in range(9)]}, progress=False)
+    value = cmap.set_index(["group", "metric", "stage"])["value"].unstack("stage")
+    assert len(value) and {"before", "after"} <= set(value.columns)
+    np.testing.assert_allclose(value["after"], value["before"], atol=1e-4)
 
 
 def test_probe_causal_check_ablates_at_the_answer_prefix(smollm2, queries):
