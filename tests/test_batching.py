@@ -58,7 +58,7 @@ def test_evaluate_survives_injected_oom_with_the_same_results(monkeypatch):
     task = TaskConfig(num_samples=2, num_operations=1)
     examples = [e for s in generate_sequences(task) for e in sequence_examples(s, task)][:14]
     queries = prepare(model, examples, resolve_spec(model))
-    reference = evaluate(model, queries, EvalConfig(batch_size=8, progress=False))
+    reference = evaluate(model, queries, EvalConfig(method="fast", batch_size=8, progress=False))
     assert reference.summary["batch_size_settled"] == 8
 
     import boxprobe.behaviour.evaluate as ev
@@ -75,7 +75,7 @@ def test_evaluate_survives_injected_oom_with_the_same_results(monkeypatch):
 
     monkeypatch.setattr(ev, "fast_batch", flaky)
     monkeypatch.setattr(batching, "free_memory", lambda: None)
-    result = evaluate(model, queries, EvalConfig(batch_size=8, progress=False))
+    result = evaluate(model, queries, EvalConfig(method="fast", batch_size=8, progress=False))
     assert result.summary["batch_size_settled"] == 3 and max(sizes) == 7  # a batch holds one context of 7
     cols = ["sample_id", "num_operations", "box", "correct"]
     assert result.frame[cols].equals(reference.frame[cols])
