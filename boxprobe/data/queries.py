@@ -317,11 +317,3 @@ def _warn_unknown(tok, queries: Sequence[Query], encoded) -> None:
 def _context_length(model) -> int | None:
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     return int(n_ctx) if n_ctx else None
-
-
-def as_queries(model, queries_or_examples, spec: PromptSpec | None = None) -> QuerySet:
-    """A :class:`QuerySet` as given (checked against ``model``), or :func:`prepare`'d from examples or a path."""
-    if isinstance(queries_or_examples, QuerySet):
-        queries_or_examples.check_model(model)
-        return queries_or_examples
-    return prepare(model, queries_or_examples, spec)
