@@ -15,7 +15,7 @@ import boxprobe.behaviour.evaluate as ev
 from boxprobe.behaviour.constrained import KST24_REGEX, RegexConstraint, constraint_for, statement_regex
 from boxprobe.behaviour.decoding import batches_by_context, cache_keyword_fix, generate_batch, stop_ids
 from boxprobe.behaviour.scoring import parse_contents
-from boxprobe.behaviour.speculative import SharedPrefix, TokenCount, count_per_prompt, greedy_batch
+from boxprobe.behaviour.speculative import SharedPrefix, TokenCount, count_per_prompt, greedy_batch, lookup_draft
 from boxprobe.data.prompts import build_queries, load_template
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import MASK, TaskConfig, generate_sequences, sequence_examples
@@ -169,6 +169,33 @@ def test_evaluate_greedy_equals_generate_and_counts_tokens(toy, examples):
     no_reuse = run_eval(toy, examples[:42], method="greedy", batch_size=14, reuse_context=False, progress=False)
     assert no_reuse.frame[cols].equals(plain.frame[cols])
     assert no_reuse.summary["tokens"]["computed"] > s["tokens"]["computed"]
+
+
+def test_lookup_draft_takes_what_followed_the_latest_match():
+    seq = [5, 6, 7, 8, 5, 6, 9, 1, 5, 6]
+    assert lookup_draft(seq, 3) == [9, 1, 5]  # no earlier [1, 5, 6]; [5, 6] last occurred at 4
+    assert lookup_draft(seq, 9) == [9, 1, 5, 6]  # cut at the end of the sequence
+    assert lookup_draft([4, 7, 4, 8, 2, 7, 4], 2) == [8, 2]  # [2, 7, 4] absent before; [7, 4] at 1
+    assert lookup_draft([1, 2, 3], 4) == [] and lookup_draft(seq, 0) == []
+
+
+def test_prompt_lookup_drafts_change_the_cost_not_the_answers(monkeypatch, examples):
+    import boxprobe.behaviour.speculative as sp
+    model = load_model(ROOT / "assets" / "models" / "toy-base", device="cpu")
+    # Every gold says "nothing": where the model names objects it leaves the draft at once and decodes them all.
+    varied = [dataclasses.replace(ex, masked_content=f"{MASK} nothing") for ex in examples[:56]]
+    calls = []
+    real = sp.forward_logits
+    monkeypatch.setattr(sp, "forward_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    frames, n_calls = [], []
+    for k in (0, 4):
+        calls.clear()
+        frames.append(run_eval(model, varied, template="toy", batch_size=14, draft_tokens=k, progress=False).frame)
+        n_calls.append(len(calls))
+    cols = ["prediction", "correct", "exact_generate"]
+    assert frames[0][cols].equals(frames[1][cols])
+    assert (~frames[0]["exact_generate"]).sum() >= 10  # enough answers leave the gold to need decoding
+    assert n_calls[1] < n_calls[0]
 
 
 def test_smollm2_greedy_matches_generation(smollm2):

@@ -8,8 +8,11 @@ writes instead. Only queries that diverge before their first stop token are deco
 divergence on, reusing that pass's cache: the gold tokens after the divergence are masked out of the
 attention (TransformerBridge derives position ids from the mask, so the next token gets the position
 right after the kept prefix) rather than cropped, because each row of a batch diverges elsewhere.
-The result is token for token what :func:`boxprobe.behaviour.decoding.generate_batch` returns, up to
-floating-point differences between padded layouts when two logits tie.
+After the divergence, each step verifies a prompt-lookup draft (:func:`lookup_draft`: what followed
+the latest earlier occurrence of the last tokens), so an answer that copies its context costs a few
+forward passes instead of one per token. The result is token for token what
+:func:`boxprobe.behaviour.decoding.generate_batch` returns, up to floating-point differences between
+padded layouts when two logits tie.
 
 The prompt is computed in three parts: the prefix every query of the run shares (instruction and
 demonstrations) once per run (:class:`SharedPrefix`), each context's description once per batch
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -82,11 +85,13 @@ def _pick(logits_row: torch.Tensor, top: int, constraint, state) -> int | None:
 
 def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix | None, reuse: bool, pad_id: int,
                  max_new_tokens: int, stops: set[int], counts: TokenCount, constraint=None,
-                 states: list | None = None) -> list[list[int]]:
+                 states: list | None = None, draft_tokens: int = 4) -> list[list[int]]:
     """Greedy continuations (each up to and including its first stop token), as :func:`generate_batch` gives.
 
     ``shared`` is None when the key-value cache cannot be trusted: then every pass recomputes the whole
-    sequence. ``reuse=False`` computes every prompt whole (no prefix shared within a chunk). ``states`` are the constraint's start states, one per item.
+    sequence. ``reuse=False`` computes every prompt whole (no prefix shared within a chunk). ``states``
+    are the constraint's start states, one per item. After a query leaves the gold, each step verifies
+    up to ``draft_tokens`` tokens drafted by :func:`lookup_draft` (0: one token per step).
     """
     items = [it for c in chunks for it in c]
     device, n_ctx = model.cfg.device, model_context_length(model)
@@ -138,27 +143,17 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
     out: list[list[int]] = []
     done, kept = [], []
     for i, it in enumerate(items):
-        seq, state, finished = [], states[i], limits[i] <= 0
-        for t in range(fed[i] + 1):
-            if finished:
-                break
-            pos = starts[i] + t - shift
-            tok = _pick(logits[i, pos], top[i][pos], constraint, state)
-            if tok is None:  # nothing the constraint allows: greedy cannot continue either
-                finished = True
-                break
-            seq.append(tok)
-            state = constraint.advance(state, tok) if constraint is not None else None
-            finished = (tok in stops or len(seq) >= limits[i]
-                        or (constraint is not None and constraint.finished(state)))
-            if t == fed[i] or tok != it.gold[t]:
-                break
+        seq, finished = [], True
+        if limits[i] > 0:
+            pos = starts[i] - shift
+            seq, states[i], finished = _accept(logits[i, pos:pos + fed[i] + 1], top[i][pos:pos + fed[i] + 1],
+                                               it.gold[:fed[i]], states[i], constraint, stops, limits[i])
         out.append(seq)
         done.append(finished)
         kept.append(len(seq) - 1)  # gold tokens that stay in the context
-        states[i] = state
 
-    # 3. Decode the rest only for the queries that diverged, from the divergence on.
+    # 3. Decode the rest only for the queries that diverged, from the divergence on, verifying a
+    # prompt-lookup draft at each step (several tokens per forward where the model copies its context).
     active = [i for i in range(len(items)) if not done[i]]
     if not active:
         return out
@@ -169,26 +164,26 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
             mask[r, offset + starts[i] + 1 + kept[i]:] = 0
     while active:
         if cache is not None:
-            step = torch.tensor([[out[i][-1]] for i in active], device=device)
-            mask = torch.cat([mask, torch.ones_like(step)], 1)
-            logits, _ = forward_logits(model, step, mask, cache, keep=1)
+            drafts = [lookup_draft(items[i].prompt + out[i], min(draft_tokens, limits[i] - len(out[i]) - 1))
+                      for i in active]
+            step, smask = pad_rows([[out[i][-1]] + d for i, d in zip(active, drafts)], pad_id, "right", device)
+            mask = torch.cat([mask, smask], 1)
+            logits, _ = forward_logits(model, step, mask, cache, keep=step.shape[1])
             counts.computed += step.numel()
         else:
+            drafts = [[] for _ in active]
             ids, mask = pad_rows([items[i].prompt + out[i] for i in active], pad_id, "left", device)
             logits = model(ids, attention_mask=mask, logits_to_keep=1)
             counts.computed += ids.numel()
-        last = logits[:, -1]
-        nxt = last.argmax(-1).tolist()
+        top = logits.argmax(-1).tolist()
         still = []
         for r, i in enumerate(active):
-            tok = _pick(last[r], nxt[r], constraint, states[i])
-            if tok is None:
-                continue
-            out[i].append(tok)
-            if constraint is not None:
-                states[i] = constraint.advance(states[i], tok)
-            if not (tok in stops or len(out[i]) >= limits[i]
-                    or (constraint is not None and constraint.finished(states[i]))):
+            new, states[i], finished = _accept(logits[r], top[r], drafts[r], states[i], constraint, stops,
+                                               limits[i] - len(out[i]))
+            out[i] += new
+            if cache is not None:  # the rejected part of the draft leaves the attention
+                mask[r, mask.shape[1] - step.shape[1] + len(new):] = 0
+            if not finished:
                 still.append(r)
         if len(still) < len(active) and cache is not None and still:
             keep = torch.tensor(still, device=device)
@@ -196,6 +191,47 @@ def greedy_batch(model, chunks: list[list[EncodedQuery]], shared: SharedPrefix |
             mask = mask[keep]
         active = [active[r] for r in still]
     return out
+
+
+def _accept(logits: torch.Tensor, top: list[int], draft: list[int], state, constraint, stops: set[int],
+            budget: int) -> tuple[list[int], Any, bool]:
+    """Greedy's tokens from one verified draft: row t of ``logits`` predicts the token after draft[:t].
+
+    Returns the tokens greedy writes (the accepted draft, then its own token where it first disagrees),
+    the constraint state after them, and whether decoding has finished.
+    """
+    new: list[int] = []
+    for t in range(len(draft) + 1):
+        tok = _pick(logits[t], top[t], constraint, state)
+        if tok is None:  # nothing the constraint allows: greedy cannot continue either
+            return new, state, True
+        new.append(tok)
+        if constraint is not None:
+            state = constraint.advance(state, tok)
+        if tok in stops or len(new) >= budget or (constraint is not None and constraint.finished(state)):
+            return new, state, True
+        if t == len(draft) or tok != draft[t]:
+            break
+    return new, state, False
+
+
+def lookup_draft(seq: Sequence[int], n: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup draft: the ``n`` tokens that followed the latest earlier occurrence of ``seq``'s last
+    ``max_ngram`` (else fewer) tokens.
+
+    The idea of transformers' ``PromptLookupCandidateGenerator`` (``generation/candidate_generator.py``),
+    which takes the *first* occurrence of the last 2 tokens; the latest occurrence of up to 3 suits
+    answers that copy the description just before them. Only the speed depends on the draft: the
+    verification keeps exactly greedy's tokens.
+    """
+    if n <= 0:
+        return []
+    for size in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = list(seq[-size:])
+        for start in range(len(seq) - size - 1, -1, -1):
+            if list(seq[start:start + size]) == tail:
+                return list(seq[start + size:start + size + n])
+    return []
 
 
 def count_per_prompt(items: Sequence[EncodedQuery], outputs: Sequence[Sequence[int]], counts: TokenCount) -> None:
