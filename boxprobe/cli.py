@@ -70,7 +70,8 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_file(
         model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
         device=args.device, dtype=args.dtype, chat=args.chat, overwrite=args.overwrite,
-        config=EvalConfig(batch_size=args.batch_size, method=args.method, constrained=args.constrained))
+        config=EvalConfig(batch_size=args.batch_size, method=args.method, constrained=args.constrained,
+                          draft_tokens=args.draft_tokens))
     print(result.table())
     print(f"\nwrote {Path(args.out) / 'summary.json'}")
     return 0
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="greedy: greedy decoding's answers, speculatively; fast: exact match in one pass; "
                          "generate: plain greedy")
     ev.add_argument("--constrained", action="store_true", help="regex-constrained greedy decoding (Kim et al. 2024)")
+    ev.add_argument("--draft-tokens", type=int, default=4,
+                    help="greedy: prompt-lookup draft length verified per step after an answer leaves the gold "
+                         "(0: one token per step; changes speed only)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
     ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
