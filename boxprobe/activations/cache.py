@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
-from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows
+from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows, row_view
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
 from boxprobe.models.batching import BatchSizer, join_rows_by_item
@@ -208,8 +208,8 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
 
     fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
     extra = {"past_key_values": past_key_values} if past_key_values is not None else {}
-    if keep_cache:
-        extra.update(return_type="logits_and_cache", use_cache=True)
+    if keep_cache:  # the logits are never read: unembed one position, not the prefix's every one
+        extra.update(return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
     with torch.inference_mode():
         out = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
                                    return_type=extra.pop("return_type", None), **extra)
@@ -301,7 +301,7 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
         members = np.flatnonzero(chunk_of >= 0)
         slot = np.zeros(len(items), dtype=np.int64)
         slot[members] = np.arange(len(members))
-        cache.reorder_cache(torch.from_numpy(chunk_of[members]).to(device))
+        cache = row_view(cache, torch.from_numpy(chunk_of[members]).to(device))  # no per-row copy of every layer
         suf_ids, suf_mask = pad_rows([items[i].ids[shared[i]:lengths[i]] for i in members], pad_id, "right", device)
         suf = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx >= shared[rel]))
         run(suf, slot[rel[suf]], tok_idx[suf] - shared[rel[suf]], suf_ids,
