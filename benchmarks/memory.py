@@ -1,17 +1,19 @@
 """Peak memory of a fixed workload against model depth: eval, caching and patching on random toy-width
 Llamas of 4, 8 and 16 layers, side by side in one run.
 
-    .venv/bin/python benchmarks/memory.py [--depths 4 8 16] [--queries 14] [--pairs 4] [--d-model 256]
+    .venv/bin/python benchmarks/memory.py [--depths 4 8 16] [--queries 14] [--pairs 4] [--d-model 256] [--layers 4]
 
 Each (stage, depth) runs in a fresh subprocess. The figure is the workload's peak beyond what the
 process held after loading the model, preparing the queries and one warm-up forward (weights, which do
 grow with depth, are not counted): on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before
 the workload, on CPU the growth of the peak resident set (``ru_maxrss``), which the allocator rounds, so
 small figures are noisy. Workloads: ``evaluate`` (fast method) on ``--queries`` queries; ``build_cache`` of
-``resid_post`` at ``query_last`` over every layer; ``patch_resid_pre`` over every layer at the query-box
-pairs' ``query_last`` position (the current patching caches the clean and corrupt ``resid_pre`` of every
-layer before patching, which is the growth this shows). The last column is the ratio to the shallowest
-model; the goal is 1.0 +- 0.1 for caching and patching.
+``resid_post`` at ``query_last`` over ``--layers`` layers spread evenly over the depth (first to last);
+``patch_resid_pre`` over the same layers at the query-box pairs' ``query_last`` position. The layer count
+is fixed so the workload is: patching every layer would run one site per layer, and with up to
+``max_batch`` rows per forward a deeper model's forwards would be wider, which is more work, not more
+memory per unit of work. The last column is the ratio to the shallowest model; the goal is 1.0 +- 0.1 for
+caching and patching.
 """
 
 from __future__ import annotations
@@ -66,13 +68,15 @@ def child(args) -> None:
     else:
         base = _rss_mb()
     started = time.perf_counter()
+    layers = sorted({round(i * (model.cfg.n_layers - 1) / max(args.layers - 1, 1)) for i in range(args.layers)})
     if args.stage == "eval":
         evaluate(model, queries[:args.queries], EvalConfig(batch_size=args.queries, progress=False))
     elif args.stage == "cache":
         with tempfile.TemporaryDirectory() as tmp:
-            build_cache(model, queries[:args.queries], tmp, CacheConfig(batch_size=args.queries), progress=False)
+            build_cache(model, queries[:args.queries], tmp, CacheConfig(batch_size=args.queries, layers=layers),
+                        progress=False)
     else:
-        patch_resid_pre(model, batch, positions="query_last", progress=False)
+        patch_resid_pre(model, batch, layers=layers, positions="query_last", progress=False)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mb() - base
     print(json.dumps({"peak_mb": peak, "seconds": time.perf_counter() - started, "device": "cuda" if cuda else "cpu"}))
 
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=14)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="layers cached and patched, spread over the depth")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -100,13 +105,14 @@ def main() -> None:
                 n_layers=depth, d_model=args.d_model, n_heads=8, d_mlp=4 * args.d_model))
             for stage in args.stages:
                 cmd = [sys.executable, __file__, "--stage", stage, "--checkpoint", str(ckpt),
-                       "--queries", str(args.queries), "--pairs", str(args.pairs)]
+                       "--queries", str(args.queries), "--pairs", str(args.pairs), "--layers", str(args.layers)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
                     sys.exit(f"{stage} at depth {depth} failed:\n{out.stderr[-2000:]}")
                 rows.append({"stage": stage, "layers": depth, **json.loads(out.stdout.strip().splitlines()[-1])})
     first = {r["stage"]: r["peak_mb"] for r in rows if r["layers"] == args.depths[0]}
-    print(f"d_model {args.d_model}, {args.queries} queries, {args.pairs} pairs, device {rows[0]['device']}")
+    print(f"d_model {args.d_model}, {args.queries} queries, {args.pairs} pairs, {args.layers} layers cached/patched, "
+          f"device {rows[0]['device']}")
     print(f"{'stage':>6} {'layers':>6} {'peak MB':>9} {'seconds':>8} {'vs ' + str(args.depths[0]) + ' layers':>12}")
     for r in rows:
         ratio = r["peak_mb"] / first[r["stage"]] if first[r["stage"]] > 0 else float("nan")
