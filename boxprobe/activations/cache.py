@@ -553,17 +553,20 @@ class CacheReader:
             self._checked.add(k)
         return record
 
-    def _read(self, k: int, key: str, role: str, slot: int | None) -> torch.Tensor:
+    def _read(self, k: int, key: str, role: str, slot: int | slice | None) -> torch.Tensor:
         expected = self._check(k)["rows"].get(role, 0)
+        if isinstance(slot, int):
+            slot = slice(slot, slot + 1)
         with safe_open(_shard_paths(self.directory, k)[0], framework="pt") as f:
-            t = f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot:slot + 1]
+            # a slice reads only those layers' bytes, in the stored dtype
+            t = f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot]
         if t.shape[0] != expected:
             raise DataError(_damaged_message(self.directory, f"shard {_shard_paths(self.directory, k)[0].name} holds "
                                              f"{t.shape[0]} rows of {key}/{role}, the manifest {expected}"))
         finite = torch.isfinite(t.reshape(t.shape[0], t.shape[1], -1)).all(-1)  # [rows, layers]
         if not bool(finite.all()):
             rows, cols = (~finite).nonzero(as_tuple=True)
-            layers = self.groups[key].layers if slot is None else self.groups[key].layers[slot:slot + 1]
+            layers = self.groups[key].layers if slot is None else self.groups[key].layers[slot]
             queries = self._meta(k, role)["query_index"].to_numpy()[rows.unique().numpy()]
             raise DataError(
                 f"Cache {self.directory}: non-finite activations (NaN or inf) of model "
@@ -590,9 +593,17 @@ class CacheReader:
             offset += len(meta)
             yield self._read(k, key, role, slot), meta
 
-    def activations(self, hook: str, role: str) -> Float[torch.Tensor, "item layer ..."]:
-        """All rows of one hook group (or one explicit layer) at one role, in metadata order."""
+    def activations(self, hook: str, role: str, layers: slice | None = None) -> Float[torch.Tensor, "item layer ..."]:
+        """All rows of one hook group (or one explicit layer) at one role, in metadata order and the stored
+        dtype. ``layers``: only these cached slots of a group (``slice(a, b)``), read from disk alone."""
         key, slot = self._key(hook, role)
+        if layers is not None:
+            if slot is not None:
+                raise ArgumentError(f"{hook!r} names one layer; pass the group's name to read a block of layers.")
+            start, stop, step = layers.indices(len(self.groups[key].layers))
+            if step != 1 or stop <= start:
+                raise ArgumentError(f"layers must be a non-empty contiguous slice of the cached slots, got {layers}.")
+            slot = slice(start, stop)
         return torch.cat([self._read(k, key, role, slot) for k in self.shards])
 
     def metadata(self, role: str) -> pd.DataFrame:
