@@ -177,7 +177,7 @@ def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: In
     if act.dim() < 2 or tuple(act.shape[:2]) != shape:
         raise ConfigError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
                          "it cannot be cached per position. Pick a hook on the residual stream or per-head outputs.")
-    return act[batch_idx, pos_idx]
+    return act[batch_idx.to(act.device), pos_idx.to(act.device)]
 
 
 def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
@@ -200,7 +200,7 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
             rows = _gather(act, batch_idx, pos_idx, tuple(tokens.shape), group.hooks[slot])
             if group.name not in buffers:
                 buffers[group.name] = rows.new_empty((rows.shape[0], len(group.hooks), *rows.shape[1:]), dtype=dtype)
-            buffers[group.name][:, slot] = rows
+            buffers[group.name][:, slot] = rows.to(buffers[group.name].device)  # blocks may sit on several devices
             fired.add(group.hooks[slot])
             if len(fired) == total and not keep_cache:
                 raise StopAtLayerException(None)  # caught by the bridge's forward: skip the rest of the model

@@ -131,9 +131,11 @@ def add_path_setter(act: Float[torch.Tensor, "batch suffix n_heads d_model"], of
 
     ``writes``: (z difference [batch, pos, head, d_head], sender heads, W_O [head, d_head, d_model]) per
     sender layer; the sum of ``z_diff[..., heads, :] @ W_O[heads]`` is formed here, one site at a time."""
-    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs], w[hs]) for z, hs, w in writes)
+    # each sender's product on its W_O's device, the sum on the receiver's (blocks may sit on several)
+    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs].to(w.device), w[hs]).to(act.device)
+                for z, hs, w in writes)
     if pos is not None:
-        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos[:, None]
+        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos.to(act.device)[:, None]
         delta = delta * at[..., None]
     h = torch.as_tensor(list(heads), device=act.device)
     act[:, :, h] += delta[:, :, None, :].to(act.dtype)
@@ -204,12 +206,13 @@ def _stacked_hook(act, hook, *, entries, n: int, offset: int):
 def _evaluate(metrics: Mapping[str, Metric], logits, batch: PairBatch) -> torch.Tensor:
     """[metric, pair] values of ``logits``."""
     n = len(batch)
+    logits = logits.to(batch.clean_tokens.device)  # the last block's device may not be the batch's
     return torch.stack([torch.as_tensor(f(logits, batch)).float().reshape(-1).expand(n).cpu() for f in metrics.values()])
 
 
 def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, offset: int, pos: torch.Tensor):
     # Record each site's activation at its rows' position ``pos``; rows before ``offset`` keep the target's.
-    rows = torch.arange(n, device=act.device)
+    rows, pos = torch.arange(n, device=act.device), pos.to(act.device)
     keep = pos >= offset
     for block, site in enumerate(sites):
         out[site, rows[keep]] = act[block * n + rows[keep], pos[keep] - offset].to(out.dtype).cpu()
@@ -296,7 +299,7 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
                 kwargs["past_key_values"] = row_view(full_kv, rows, offset)
             inputs = tokens[rows, offset:]
             if first:
-                inputs, kwargs["start_at_layer"] = resid[first][rows, offset - lo:], first
+                inputs, kwargs["start_at_layer"] = resid[first][rows.to(resid[first].device), offset - lo:], first
             with model.hooks(fwd_hooks=hooks):
                 logits = model(inputs, **kwargs)
             for block, i in enumerate(chunk):
