@@ -21,7 +21,6 @@ candidate objects' first tokens, metric ``accuracy``, or over the vocabulary, me
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ import plotly.graph_objects as go
 import torch
 
 from boxprobe.report import plots
-from boxprobe.activations.cache import CacheConfig, CacheReader, build_cache, queries_sha256
+from boxprobe.activations.cache import CacheConfig, build_cache, queries_sha256
 from boxprobe.behaviour.decoding import pad_rows
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import QuerySet, prepare, resolve_spec
@@ -45,6 +44,7 @@ from boxprobe.errors import MissingFileError
 from boxprobe.models.loading import load_model, model_id, model_info, model_n_layers
 from boxprobe.models.placement import LoadConfig
 from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_run_dir
+from boxprobe.probing.features import Side as _Side, joined_probe as _merge_layers, side_features as _features
 from boxprobe.probing.probes import check_Cs
 from boxprobe.probing.baselines import (FittedProbe, control_labels_for, initial_prediction, majority_prediction,
                                         metric_parts, permuted_labels, score_rows)
@@ -219,51 +219,6 @@ def sample_states(examples: Sequence[Example], limit: int | None, seed: int) -> 
         chosen = {states[i] for i in np.random.default_rng(seed).choice(len(states), limit, replace=False)}
         examples = [ex for ex in examples if key(ex) in chosen]
     return list(examples)
-
-
-@dataclass
-class _Side:
-    """One cached item set (train or test) of one model: metadata per role, the cache its features are read
-    from, embedding features, contexts, queries."""
-
-    meta: dict
-    reader: CacheReader
-    hook: str
-    embed: dict
-    contexts: list
-    queries: QuerySet
-    layers: tuple[int, ...]
-    """The model's layer number of each cached slot."""
-
-    def features(self, role, layers: slice) -> np.ndarray:
-        """Float32 features of ``role`` (a tuple: its roles' rows in turn) at cached slots ``layers``: read
-        from disk in the stored dtype, upcast for this block only."""
-        roles = role if isinstance(role, tuple) else (role,)
-        return np.concatenate([self.reader.activations(self.hook, r, layers).float().numpy() for r in roles])
-
-
-def _features(side: _Side, role, embed: bool = False) -> np.ndarray:
-    if not embed:
-        return side.features(role, slice(None))
-    store = side.embed
-    return np.concatenate([store[r] for r in role]) if isinstance(role, tuple) else store[role]
-
-
-def _merge_layers(probes: list[FittedProbe]) -> FittedProbe:
-    """One FittedProbe over every layer from probes fit on consecutive blocks of layers (class targets: one
-    layer-wise estimator each, whose per-layer arrays are joined)."""
-    if len(probes) == 1:
-        return probes[0]
-    merged = copy.copy(probes[0])
-    parts = [p.models[0] for p in probes]
-    est = copy.copy(parts[0])
-    for attr in ("coef_", "intercept_", "mean_", "n_iter_"):
-        setattr(est, attr, np.concatenate([getattr(e, attr) for e in parts]))
-    est.n_layers_ = sum(e.n_layers_ for e in parts)
-    est.C = np.concatenate([np.broadcast_to(np.asarray(e.C, dtype=float), (e.n_layers_,)) for e in parts])
-    merged.models, merged.n_layers = [est], est.n_layers_
-    merged.C = np.concatenate([np.broadcast_to(np.asarray(p.C, dtype=float), (p.n_layers,)) for p in probes])
-    return merged
 
 
 class ProbeExperiment:
