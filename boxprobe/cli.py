@@ -59,14 +59,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from boxprobe.behaviour.evaluate import EvalConfig, evaluate_file
 
-    model = args.model
-    if args.device_map is not None or args.n_devices is not None or args.max_memory is not None:
+    model, load = args.model, _load_config(args)
+    if set(load.kwargs()) - {"device", "dtype"}:  # spread over devices: load here (evaluate_file takes device/dtype)
         from boxprobe.models.loading import load_model
-        from boxprobe.models.placement import parse_mapping
 
-        model = load_model(args.model, dtype=args.dtype, device_map=parse_mapping(args.device_map, "--device-map"),
-                           n_devices=args.n_devices, max_memory=parse_mapping(args.max_memory, "--max-memory"),
-                           offload_folder=args.offload_folder)
+        model = load_model(args.model, **load.kwargs())
     result = evaluate_file(
         model, args.data, args.out, prompt_format=args.format, template=args.template, limit=args.limit,
         device=args.device, dtype=args.dtype, chat=args.chat, overwrite=args.overwrite,
@@ -86,6 +83,7 @@ def _probe(args: argparse.Namespace) -> int:
     cfg = load_yaml_config(ProbeExperimentConfig, args.config)
     if args.out:
         cfg = dataclasses.replace(cfg, out_dir=str(args.out))
+    cfg = dataclasses.replace(cfg, load=cfg.placement().override(_load_config(args)), device=None)
     run = ProbeExperiment(cfg, overwrite=args.overwrite, repair=args.repair).run()
     nt = run.probe_accuracy[run.probe_accuracy.metric == "non_trivial"]
     print(nt.pivot_table(index=["probe", "model", "kind"], columns="layer", values="value").round(3).to_string())
@@ -102,10 +100,11 @@ def _circuit(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device)
+    load = _load_config(args)
+    model = load_model(args.model, **load.kwargs())
     spec = resolve_spec(model, template=args.template, format=args.format)
     queries = prepare(model, args.data, spec, limit=args.limit)
-    donor = load_model(args.donor, device=args.device) if args.donor else None
+    donor = load_model(args.donor, **load.kwargs()) if args.donor else None
     cfg = CircuitStudyConfig(n_pairs=args.pairs, n_reference=args.reference_pairs, top_k=tuple(args.top_k),
                              variant=args.variant, minimality=not args.no_minimality, max_batch=args.batch_size,
                              dcm_steps=args.dcm_steps)
@@ -121,7 +120,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from boxprobe.pipeline.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=str(args.out))
+    cfg = DemoConfig(out_dir=str(args.out), load=_load_config(args))
     if args.models:
         cfg = dataclasses.replace(cfg, models=tuple(args.models))
     if args.stages:
@@ -193,11 +192,26 @@ _positive_int.__name__ = "int"  # argparse names the type in its message: "inval
 
 
 def _placement_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device-map", default=None,
+    """Where and in what dtype models load: the same flags on every command that loads one (see
+    :class:`boxprobe.models.placement.LoadConfig`; :func:`_load_config` reads them back)."""
+    group = parser.add_argument_group("model placement")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+    group.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    group.add_argument("--device-map", default=None,
                         help='spread the model over devices: "auto", "balanced" or a JSON {module: device} (cpu/disk offload)')
-    parser.add_argument("--n-devices", type=_positive_int, default=None, help="split the model evenly over N GPUs")
-    parser.add_argument("--max-memory", default=None, help='per-device budget as JSON, e.g. \'{"0": "70GiB", "cpu": "200GiB"}\'')
-    parser.add_argument("--offload-folder", default=None, help="where disk-offloaded weights go")
+    group.add_argument("--n-devices", type=_positive_int, default=None, help="split the model evenly over N GPUs")
+    group.add_argument("--max-memory", default=None, help='per-device budget as JSON, e.g. \'{"0": "70GiB", "cpu": "200GiB"}\'')
+    group.add_argument("--offload-folder", default=None, help="where disk-offloaded weights go")
+
+
+def _load_config(args: argparse.Namespace):
+    """The placement flags of :func:`_placement_args` as a LoadConfig (unset flags stay None)."""
+    from boxprobe.models.placement import LoadConfig, parse_mapping
+
+    return LoadConfig(device=args.device, dtype=args.dtype, device_map=parse_mapping(args.device_map, "--device-map"),
+                      n_devices=args.n_devices, max_memory=parse_mapping(args.max_memory, "--max-memory"),
+                      offload_folder=args.offload_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="greedy: prompt-lookup draft length verified per step after an answer leaves the gold "
                          "(0: one token per step; changes speed only)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N queries")
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
-    ev.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="starting batch size (halved on out-of-memory)")
     ev.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
     _placement_args(ev)
@@ -253,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace another run's results in the out_dir")
     pr.add_argument("--repair", action="store_true",
                     help="rebuild activation caches whose manifest is damaged (damaged shards are always rebuilt)")
+    _placement_args(pr)  # flags given here override the config's load
     pr.set_defaults(func=_probe)
 
     ci = sub.add_parser("circuit", parents=[common], help="discover and evaluate the entity-tracking circuit (Prakash et al.)")
@@ -272,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--dcm-steps", type=int, default=0,
                     help="also learn DCM head masks for the object-value and positional desiderata (steps; 0: off)")
     ci.add_argument("--donor", default=None, help="a fine-tuned model of the same family: CMAP into --model")
-    ci.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     ci.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward pass")
     ci.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    _placement_args(ci)  # the donor loads the same way
     ci.set_defaults(func=_circuit)
 
     de = sub.add_parser("demo", parents=[common], help="every analysis stage on the bundled toy models, with a dashboard")
@@ -282,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--models", nargs="+", default=None, help="models instead of the bundled toy models")
     de.add_argument("--stages", nargs="+", choices=DEMO_STAGES, default=None)
     de.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    _placement_args(de)
     de.set_defaults(func=_demo)
 
     da = sub.add_parser("dashboard", parents=[common], help="write RUN_DIR/dashboard.html from a run directory")

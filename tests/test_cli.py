@@ -154,3 +154,45 @@ def test_startup_is_light_and_fast():
     elapsed = time.perf_counter() - started
     assert done.returncode == 0 and "generate" in done.stdout
     assert elapsed < 4.0, f"boxprobe --help took {elapsed:.1f} s"  # ~0.1 s idle; generous for a loaded machine
+
+
+@pytest.mark.parametrize("command", ["eval", "circuit", "demo", "probe", "probe-config"])
+def test_placement_flags_reach_load_model(command, capsys, tmp_path, data_dir, monkeypatch):
+    """Every command that loads a model takes the same placement flags (or a config's ``load``) and hands
+    them to load_model as they are."""
+    import boxprobe.models.loading as loading
+    import boxprobe.pipeline.demo as demo
+    import boxprobe.probing.experiment as experiment
+    from boxprobe.config import ConfigError
+
+    seen = []
+
+    def fake_load_model(name, **kwargs):
+        seen.append(kwargs)
+        raise ConfigError("stop here")
+
+    for module in (loading, demo, experiment):
+        monkeypatch.setattr(module, "load_model", fake_load_model)
+    device_map = '{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "lm_head": "cpu"}'
+    flags = ["--device-map", device_map, "--max-memory", '{"cpu": "2GiB"}', "--dtype", "float32",
+             "--offload-folder", tmp_path / "off"]
+    expected = {"device_map": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                               "lm_head": "cpu"}, "max_memory": {"cpu": "2GiB"}, "dtype": "float32",
+                "offload_folder": str(tmp_path / "off")}
+    data = data_dir / "test-subsample.jsonl"
+    if command == "eval":
+        argv = ["eval", "--model", "m", "--data", data, "--out", tmp_path / "out", *flags]
+    elif command == "circuit":
+        argv = ["circuit", "--model", "m", "--data", data, "--out", tmp_path / "out", *flags]
+    elif command == "demo":
+        argv = ["demo", "--out", tmp_path / "out", "--models", "m", *flags]
+    else:
+        config = tmp_path / "probe.yaml"
+        load = "" if command == "probe" else (
+            "load:\n  device_map: {model.embed_tokens: cpu, model.layers.0: cpu, model.layers.1: disk, lm_head: cpu}\n"
+            "  max_memory: {cpu: 2GiB}\n  dtype: float32\n" f"  offload_folder: {tmp_path / 'off'}\n")
+        config.write_text(f"models: [m]\ndata: {data}\nout_dir: {tmp_path / 'out'}\ntrain_limit: 5\n{load}")
+        argv = ["probe", config, *(flags if command == "probe" else [])]
+    status, _, err = run_main(capsys, *argv)
+    assert status == 2 and "stop here" in err, err
+    assert seen and seen[0] == expected

@@ -3,6 +3,7 @@
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+import torch
 
 import boxprobe.probing.experiment as experiment_mod
 from boxprobe.config import ConfigError
@@ -106,3 +107,33 @@ def test_global_state_reads_the_last_period_once_per_context():
     assert target.initial.tolist() == [[1, 2, 2], [2, 0, 1]]  # the first sentence put the apple in Box 1
     assert target.mask.tolist() == [[True, False, False], [False, True, True]]  # only mentioned objects count
     assert list(target.numops) == [1, 0]
+
+
+def test_layer_blocks_give_the_same_results_and_read_the_stored_dtype_per_block(toy_pair, monkeypatch):
+    """Probing one layer at a time equals probing all at once, and a bfloat16 cache is read as bfloat16, one
+    block of layers per read (the upcast to float32 happens per block)."""
+    from boxprobe.activations.cache import CacheReader
+
+    dirs, data, root = toy_pair
+    base = dict(models=(dirs[0],), data=data, train_limit=30, targets=("empty", "first_object"), Cs=(0.1, 1.0),
+                n_boot=30, dtype="bfloat16", random_init="none", baselines=("majority", "permutation"),
+                causal_check=True, causal_layers=(0, 1), causal_n=8, causal_random=1)
+    reads = []
+    real = CacheReader.activations
+
+    def spy(self, hook, role, layers=None):
+        t = real(self, hook, role, layers)
+        reads.append((hook, t.dtype, t.shape[1]))
+        return t
+
+    monkeypatch.setattr(CacheReader, "activations", spy)
+    whole = ProbeExperiment(ProbeExperimentConfig(**base, out_dir=str(root / "blocks-all"))).run()
+    assert {(d, w) for h, d, w in reads if h == "resid_post"} == {(torch.bfloat16, 2)}
+    reads.clear()
+    one = ProbeExperiment(ProbeExperimentConfig(**base, out_dir=str(root / "blocks-1"), layer_block=1)).run()
+    assert {(d, w) for h, d, w in reads if h == "resid_post"} == {(torch.bfloat16, 1)}
+    pd.testing.assert_frame_equal(one.probe_accuracy, whole.probe_accuracy)
+    pd.testing.assert_frame_equal(one.probe_heatmap, whole.probe_heatmap)
+    pd.testing.assert_frame_equal(one.causal_check, whole.causal_check)  # the causal check reads the joined probe
+    with pytest.raises(ConfigError, match="layer_block"):
+        ProbeExperimentConfig(**base, out_dir=str(root / "x"), layer_block=0)

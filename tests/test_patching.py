@@ -364,3 +364,23 @@ def test_path_patching_constructed_cases(toy_dir, padded_batch):
             want = P.logit_diff(model(b.corrupt_tokens, attention_mask=b.attention_mask), b).mean().item()
     assert via["v"] == pytest.approx(want, abs=1e-5)
     assert no_hooks_left(model)
+
+
+def test_patching_with_blocks_offloaded_to_disk_matches_one_device(toy_dir, model, padded_batch, flat_batch, tmp_path):
+    """A device map that leaves block 1 and the final norm on disk (accelerate hooks load them per call) gives
+    the single-device results: patches, the prefix cache and start-at-layer all meet blocks placed apart.
+    (The toy model ties its unembedding to the embedding, so the two stay together.)"""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    split = load_model(toy_dir, dtype="float32", device_map=device_map, offload_folder=tmp_path / "offload")
+    assert {p.device.type for n, p in split.original_model.named_parameters() if "layers.1." in n} == {"meta"}
+    for b in (padded_batch, flat_batch):
+        for kw in ({}, {"kv_prefix": False}):
+            want = P.patch_resid_pre(model, b, positions=["query_last", "all"], progress=False, **kw)
+            got = P.patch_resid_pre(split, b, positions=["query_last", "all"], progress=False, **kw)
+            assert torch.allclose(values(got, -1), values(want, -1), atol=ATOL)
+        want = P.patch_heads(model, b, positions="query_last", progress=False)
+        got = P.patch_heads(split, b, positions="query_last", progress=False)
+        assert torch.allclose(values(got, -1), values(want, -1), atol=ATOL)
+        assert values(want, -1).abs().max() > 0.1  # not a comparison of zeros
+    assert no_hooks_left(split)

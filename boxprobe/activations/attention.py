@@ -129,7 +129,9 @@ def query_attention_rows(model, tokens: Int[torch.Tensor, "batch pos"],
 
     def make_hook(layer: int):
         def hook(pattern: torch.Tensor, hook) -> None:
-            out[layer] = pattern[items, :, qpos, :].float()  # [batch, head, key]: the full pattern is dropped
+            # [batch, head, key]: the full pattern is dropped; gathered on the tokens' device (blocks may sit apart)
+            dev = pattern.device
+            out[layer] = pattern[items.to(dev), :, qpos.to(dev), :].float().to(items.device)
             if all(o is not None for o in out):
                 raise StopAtLayerException(None)  # caught by the bridge: skip the final norm and unembedding
         return hook

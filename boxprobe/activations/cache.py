@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
-from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows
+from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows, row_view
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
 from boxprobe.models.batching import BatchSizer, join_rows_by_item
@@ -177,7 +177,7 @@ def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: In
     if act.dim() < 2 or tuple(act.shape[:2]) != shape:
         raise ConfigError(f"Hook {name!r} gives shape {tuple(act.shape)}, not [batch, pos, ...] = {list(shape)}; "
                          "it cannot be cached per position. Pick a hook on the residual stream or per-head outputs.")
-    return act[batch_idx, pos_idx]
+    return act[batch_idx.to(act.device), pos_idx.to(act.device)]
 
 
 def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
@@ -200,7 +200,7 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
             rows = _gather(act, batch_idx, pos_idx, tuple(tokens.shape), group.hooks[slot])
             if group.name not in buffers:
                 buffers[group.name] = rows.new_empty((rows.shape[0], len(group.hooks), *rows.shape[1:]), dtype=dtype)
-            buffers[group.name][:, slot] = rows
+            buffers[group.name][:, slot] = rows.to(buffers[group.name].device)  # blocks may sit on several devices
             fired.add(group.hooks[slot])
             if len(fired) == total and not keep_cache:
                 raise StopAtLayerException(None)  # caught by the bridge's forward: skip the rest of the model
@@ -208,8 +208,8 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
 
     fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
     extra = {"past_key_values": past_key_values} if past_key_values is not None else {}
-    if keep_cache:
-        extra.update(return_type="logits_and_cache", use_cache=True)
+    if keep_cache:  # the logits are never read: unembed one position, not the prefix's every one
+        extra.update(return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
     with torch.inference_mode():
         out = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
                                    return_type=extra.pop("return_type", None), **extra)
@@ -301,7 +301,7 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
         members = np.flatnonzero(chunk_of >= 0)
         slot = np.zeros(len(items), dtype=np.int64)
         slot[members] = np.arange(len(members))
-        cache.reorder_cache(torch.from_numpy(chunk_of[members]).to(device))
+        cache = row_view(cache, torch.from_numpy(chunk_of[members]).to(device))  # no per-row copy of every layer
         suf_ids, suf_mask = pad_rows([items[i].ids[shared[i]:lengths[i]] for i in members], pad_id, "right", device)
         suf = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx >= shared[rel]))
         run(suf, slot[rel[suf]], tok_idx[suf] - shared[rel[suf]], suf_ids,
@@ -553,17 +553,20 @@ class CacheReader:
             self._checked.add(k)
         return record
 
-    def _read(self, k: int, key: str, role: str, slot: int | None) -> torch.Tensor:
+    def _read(self, k: int, key: str, role: str, slot: int | slice | None) -> torch.Tensor:
         expected = self._check(k)["rows"].get(role, 0)
+        if isinstance(slot, int):
+            slot = slice(slot, slot + 1)
         with safe_open(_shard_paths(self.directory, k)[0], framework="pt") as f:
-            t = f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot:slot + 1]
+            # a slice reads only those layers' bytes, in the stored dtype
+            t = f.get_tensor(f"{key}/{role}") if slot is None else f.get_slice(f"{key}/{role}")[:, slot]
         if t.shape[0] != expected:
             raise DataError(_damaged_message(self.directory, f"shard {_shard_paths(self.directory, k)[0].name} holds "
                                              f"{t.shape[0]} rows of {key}/{role}, the manifest {expected}"))
         finite = torch.isfinite(t.reshape(t.shape[0], t.shape[1], -1)).all(-1)  # [rows, layers]
         if not bool(finite.all()):
             rows, cols = (~finite).nonzero(as_tuple=True)
-            layers = self.groups[key].layers if slot is None else self.groups[key].layers[slot:slot + 1]
+            layers = self.groups[key].layers if slot is None else self.groups[key].layers[slot]
             queries = self._meta(k, role)["query_index"].to_numpy()[rows.unique().numpy()]
             raise DataError(
                 f"Cache {self.directory}: non-finite activations (NaN or inf) of model "
@@ -590,9 +593,17 @@ class CacheReader:
             offset += len(meta)
             yield self._read(k, key, role, slot), meta
 
-    def activations(self, hook: str, role: str) -> Float[torch.Tensor, "item layer ..."]:
-        """All rows of one hook group (or one explicit layer) at one role, in metadata order."""
+    def activations(self, hook: str, role: str, layers: slice | None = None) -> Float[torch.Tensor, "item layer ..."]:
+        """All rows of one hook group (or one explicit layer) at one role, in metadata order and the stored
+        dtype. ``layers``: only these cached slots of a group (``slice(a, b)``), read from disk alone."""
         key, slot = self._key(hook, role)
+        if layers is not None:
+            if slot is not None:
+                raise ArgumentError(f"{hook!r} names one layer; pass the group's name to read a block of layers.")
+            start, stop, step = layers.indices(len(self.groups[key].layers))
+            if step != 1 or stop <= start:
+                raise ArgumentError(f"layers must be a non-empty contiguous slice of the cached slots, got {layers}.")
+            slot = slice(start, stop)
         return torch.cat([self._read(k, key, role, slot) for k in self.shards])
 
     def metadata(self, role: str) -> pd.DataFrame:

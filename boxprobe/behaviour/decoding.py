@@ -9,6 +9,7 @@ checks on the data that cached and uncached logits agree before the cache is rel
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float, Int
 from transformer_lens.model_bridge import TransformerBridge
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from boxprobe.data.queries import EncodedQuery
 from boxprobe.models.loading import model_context_length, model_label
@@ -94,16 +96,48 @@ def kv_cache_works(model: TransformerBridge, tokens: Sequence[int]) -> bool:
     return bool(torch.allclose(cached.float(), ref[:, half:].float(), atol=tol * ref.float().abs().max().item(), rtol=0))
 
 
+class _RowView(DynamicLayer):
+    """One layer of a shared prefix cache seen by other rows: ``update`` returns the prefix's keys and values
+    for ``rows`` joined with the new ones, and stores nothing, so a suffix pass keeps no per-row copy of every
+    layer (one layer's expansion lives at a time)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.rows = keys, values, rows.to(keys.device)
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # the new states' device: under a device map a layer's cache and its block may sit apart
+        keys = self.keys[self.rows].to(key_states.device, key_states.dtype)
+        values = self.values[self.rows].to(value_states.device, value_states.dtype)
+        return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+
+
+def row_view(cache: DynamicCache, rows: Int[torch.Tensor, "rows"], length: int | None = None) -> DynamicCache:
+    """A read-only cache over the first ``length`` positions (all: None) of ``cache`` for batch rows ``rows``.
+
+    Equal to ``deepcopy`` + ``crop`` + ``reorder_cache(rows)`` for one forward pass, without copying the
+    prefix once per row and layer: the view's memory is one layer's expansion, not the model's depth in
+    copies. A pass through it leaves ``cache`` unchanged, so one prefix serves any number of passes."""
+    end = slice(None) if length is None else slice(0, length)
+    view = copy.copy(cache)  # same class and settings, its own list of layers
+    view.layers = [_RowView(layer.keys[:, :, end], layer.values[:, :, end], rows) for layer in cache.layers]
+    return view
+
+
 # -- batched passes -------------------------------------------------------------------------------
 
 
-def prefix_cache(model, chunks: list[list[EncodedQuery]], shared: list[int], pad_id: int):
-    """Run each chunk's shared prefix once; return the cache expanded to one row per item and its mask."""
+def prefix_cache(model, chunks: list[list[EncodedQuery]], shared: list[int], pad_id: int, grow: bool = False):
+    """Run each chunk's shared prefix once; return its cache with one row per item, and the mask: a read-only
+    view (:func:`row_view`) for one pass, or with ``grow`` (decoding extends it) a copy per row."""
     ids, mask = pad_rows([c[0].prompt[:p] for c, p in zip(chunks, shared)], pad_id, "left", model.cfg.device)
-    _, cache = forward_logits(model, ids, mask)
+    _, cache = forward_logits(model, ids, mask, keep=1)  # the prefix's logits are never read
     rows = torch.tensor([i for i, c in enumerate(chunks) for _ in c], device=ids.device)
-    cache.reorder_cache(rows)
-    return cache, mask[rows]
+    if grow:
+        cache.reorder_cache(rows)
+        return cache, mask[rows]
+    return row_view(cache, rows), mask[rows]
 
 
 def shared_lengths(chunks: list[list[EncodedQuery]], reuse: bool) -> list[int]:
@@ -148,7 +182,7 @@ def generate_batch(model, chunks: list[list[EncodedQuery]], reuse: bool, use_cac
     p_of = [p for c, p in zip(chunks, shared) for _ in c]
     ids, mask = pad_rows([it.prompt[p:] for it, p in zip(items, p_of)], pad_id, "left", device)
     if reuse and use_cache:
-        cache, pmask = prefix_cache(model, chunks, shared, pad_id)
+        cache, pmask = prefix_cache(model, chunks, shared, pad_id, grow=True)
         mask = torch.cat([pmask, mask], 1)
         logits, cache = forward_logits(model, ids, mask, cache)
     elif use_cache:

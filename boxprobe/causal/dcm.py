@@ -53,8 +53,10 @@ def learn_head_mask(model, batch: PairBatch, *, positions: str | int | None = No
 
     def hooks(mask):
         # One closure per layer: a hook's own name may be the aliased ``attn.o.hook_in``.
-        def patch(act, hook, *, layer):
-            return act + diff[_z(layer)] * (mask[layer][None, None, :, None] * where[:, :, None, None])
+        def patch(act, hook, *, layer):  # moved to the hooked block's device (device maps spread blocks)
+            dev = act.device
+            scale = mask[layer].to(dev)[None, None, :, None] * where.to(dev)[:, :, None, None]
+            return act + diff[_z(layer)].to(dev) * scale
         return [(_z(layer), partial(patch, layer=layer)) for layer in range(n_layers)]
 
     history = []

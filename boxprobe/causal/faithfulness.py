@@ -57,6 +57,8 @@ def reference_means(model, reference: PairBatch, width: int) -> dict[str, torch.
 
 
 def _ablate_setter(act, offset: int, *, mean, clean, keep) -> None:
+    mean, clean = mean.to(act.device), clean.to(act.device)  # no-ops unless blocks sit on several devices
+    keep = [(None if pos is None else pos.to(act.device), heads) for pos, heads in keep]
     act[:] = mean[offset:].to(act.dtype)
     for pos, heads in keep:
         if pos is None:  # kept at every position

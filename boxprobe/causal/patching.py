@@ -38,7 +38,6 @@ A study in a few lines (``examples`` from ``task.read_examples``, models from ``
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections import defaultdict
@@ -53,7 +52,7 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from boxprobe.config import check_choice
-from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works
+from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, row_view
 from boxprobe.models.loading import model_label
 from boxprobe.models.batching import halve_on_oom
 from boxprobe.causal.stats import long_per_pair, summarise
@@ -70,11 +69,23 @@ Positions = str | int | Sequence[str | int] | None
 DEFAULT_KEY_POSITIONS = ("query_last", "query_box", "box_mention")
 
 
-def _run(model, tokens, mask, names: Sequence[str] = ()):
-    if not names:
-        return model(tokens, attention_mask=mask), {}
-    logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=list(names))
-    return logits, {n: cache[n] for n in names}
+def _run(model, tokens, mask, names: Sequence[str] = (), pos: Int[torch.Tensor, "batch k"] | None = None):
+    """The last position's logits (all a metric reads) and the activations of ``names``: at every position,
+    or with ``pos`` only at those ([batch, k, ...]), gathered as each hook fires so that no layer's
+    all-position activation outlives its block."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook, *, name: str):  # by the requested name: the hook's own may be an alias's target
+        if pos is None:
+            store[name] = act.clone()
+        else:
+            at = pos.to(act.device)
+            store[name] = act[torch.arange(act.shape[0], device=act.device)[:, None], at].clone()
+        return act
+
+    with model.hooks(fwd_hooks=[(name, partial(keep, name=name)) for name in names]):
+        logits = model(tokens, attention_mask=mask, logits_to_keep=1)
+    return logits, {n: store[n] for n in names}
 
 
 # -- setters ----------------------------------------------------------------------------------------
@@ -91,20 +102,26 @@ class Patch(NamedTuple):
 
 def copy_setter(act: Float[torch.Tensor, "batch suffix *rest"], offset: int, *,
                 source: Float[torch.Tensor, "batch pos *rest"], pos: Int[torch.Tensor, "batch"] | None = None,
-                heads: Sequence[int] | None = None) -> None:
+                heads: Sequence[int] | None = None, column: int | None = None) -> None:
     """Copy ``source`` ([batch, pos, ...], all positions) into ``act`` at all positions or one position per
-    row (``pos``, padded indices), for all heads or ``heads`` (dimension 2, e.g. of ``attn.hook_z``)."""
-    h = slice(None) if heads is None else torch.as_tensor(list(heads), device=act.device)
+    row (``pos``, padded indices), for all heads or ``heads`` (dimension 2, e.g. of ``attn.hook_z``).
+    ``column``: ``source`` holds only chosen positions ([batch, k, ...], see :func:`_run`) and this one's
+    index among them. The copy moves to ``act``'s device: under a device map blocks sit on several."""
+    dev = act.device
+    h = slice(None) if heads is None else torch.as_tensor(list(heads), device=dev)
     if pos is None:
-        act[:, :, h] = source[:, offset:, h]
+        act[:, :, h] = source[:, offset:].to(dev, act.dtype)[:, :, h]
         return
-    rows = torch.arange(act.shape[0], device=act.device)
+    pos = pos.to(dev)
+    rows = torch.arange(act.shape[0], device=dev)
     keep = pos >= offset  # rows whose position lies in the cached prefix are identical there anyway
     rows, pos = rows[keep], pos[keep]
+    src = pos if column is None else torch.full_like(pos, column)
+    picked = source.to(dev, act.dtype)[rows, src]  # [rows, *rest]
     if heads is None:
-        act[rows, pos - offset] = source[rows, pos]
+        act[rows, pos - offset] = picked
     else:
-        act[rows[:, None], (pos - offset)[:, None], h[None, :]] = source[rows[:, None], pos[:, None], h[None, :]]
+        act[rows[:, None], (pos - offset)[:, None], h[None, :]] = picked[:, h]
 
 
 def add_path_setter(act: Float[torch.Tensor, "batch suffix n_heads d_model"], offset: int, *,
@@ -114,9 +131,11 @@ def add_path_setter(act: Float[torch.Tensor, "batch suffix n_heads d_model"], of
 
     ``writes``: (z difference [batch, pos, head, d_head], sender heads, W_O [head, d_head, d_model]) per
     sender layer; the sum of ``z_diff[..., heads, :] @ W_O[heads]`` is formed here, one site at a time."""
-    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs], w[hs]) for z, hs, w in writes)
+    # each sender's product on its W_O's device, the sum on the receiver's (blocks may sit on several)
+    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs].to(w.device), w[hs]).to(act.device)
+                for z, hs, w in writes)
     if pos is not None:
-        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos[:, None]
+        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos.to(act.device)[:, None]
         delta = delta * at[..., None]
     h = torch.as_tensor(list(heads), device=act.device)
     act[:, :, h] += delta[:, :, None, :].to(act.dtype)
@@ -134,19 +153,26 @@ def differences(source: Float[torch.Tensor, "batch pos *rest"],
     return (source != target).any(-1, keepdim=True)
 
 
-def _start(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None) -> int | None:
-    """First position a patch over ``pos`` / ``heads`` changes, from ``differences`` ([batch, pos, ...])."""
+def _start(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None,
+           column: int | None = None) -> int | None:
+    """First position a patch over ``pos`` / ``heads`` changes, from ``differences`` ([batch, pos, ...], or
+    [batch, k, ...] of chosen positions with ``column`` this one's index among them)."""
     if pos is None:
         return _first(differs if heads is None else differs[:, :, list(heads)])
-    at = differs[torch.arange(len(pos), device=pos.device), pos]  # [batch, (head,) 1]
+    pos = pos.to(differs.device)
+    src = pos if column is None else torch.full_like(pos, column)
+    at = differs[torch.arange(len(pos), device=pos.device), src]  # [batch, (head,) 1]
     hit = (at if heads is None else at[:, list(heads)]).reshape(len(pos), -1).any(-1)
     return int(pos[hit].min()) if hit.any() else None
 
 
 def copy_patch(hook: str, source: Float[torch.Tensor, "batch pos *rest"],
-               differs: Bool[torch.Tensor, "batch pos *rest"], pos: Int[torch.Tensor, "batch"] | None = None, heads: Sequence[int] | None = None) -> Patch:
-    """A Patch copying ``source`` into a run; ``differs = differences(source, that run's activation)``."""
-    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads), _start(differs, pos, heads))
+               differs: Bool[torch.Tensor, "batch pos *rest"], pos: Int[torch.Tensor, "batch"] | None = None,
+               heads: Sequence[int] | None = None, column: int | None = None) -> Patch:
+    """A Patch copying ``source`` into a run; ``differs = differences(source, that run's activation)``
+    (``column``: both hold chosen positions only, see :func:`copy_setter`)."""
+    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads, column=column),
+                 _start(differs, pos, heads, column))
 
 
 # -- the generic loop -------------------------------------------------------------------------------
@@ -180,12 +206,13 @@ def _stacked_hook(act, hook, *, entries, n: int, offset: int):
 def _evaluate(metrics: Mapping[str, Metric], logits, batch: PairBatch) -> torch.Tensor:
     """[metric, pair] values of ``logits``."""
     n = len(batch)
+    logits = logits.to(batch.clean_tokens.device)  # the last block's device may not be the batch's
     return torch.stack([torch.as_tensor(f(logits, batch)).float().reshape(-1).expand(n).cpu() for f in metrics.values()])
 
 
 def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, offset: int, pos: torch.Tensor):
     # Record each site's activation at its rows' position ``pos``; rows before ``offset`` keep the target's.
-    rows = torch.arange(n, device=act.device)
+    rows, pos = torch.arange(n, device=act.device), pos.to(act.device)
     keep = pos >= offset
     for block, site in enumerate(sites):
         out[site, rows[keep]] = act[block * n + rows[keep], pos[keep] - offset].to(out.dtype).cpu()
@@ -239,15 +266,19 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
         resid: dict[int, torch.Tensor] = {}
         needed = sorted({layer_of[i] for i in live} - {0})
 
+        lo = min((starts[i] for i in live), default=0) if kv_prefix else 0  # no chunk reads positions before
+
         def keep(act, hook):
-            resid[_hook_layer(hook.name)] = act.clone()
+            resid[_hook_layer(hook.name)] = act[:, lo:].clone()
             return act
 
         with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in needed]):
+            # metrics read only the last position: unembed that one (a 256k vocabulary makes it the largest tensor)
             if kv_prefix:
-                logits, full_kv = model(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+                logits, full_kv = model(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True,
+                                        logits_to_keep=1)
             else:
-                logits = model(tokens, attention_mask=mask)
+                logits = model(tokens, attention_mask=mask, logits_to_keep=1)
         values[:] = _evaluate(metrics, logits, batch)
         chunks = [live[i:i + per_forward] for i in range(0, len(live), per_forward)]
         for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
@@ -263,15 +294,12 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
                       for name, (pos, out) in (collect or {}).items()]
             rows = torch.arange(n, device=tokens.device).repeat(len(chunk))
             full_mask = mask  # unpadded: the causal mask alone is right, and cheaper to build
-            kwargs = {"attention_mask": None if full_mask is None else full_mask[rows]}
-            if offset:
-                kv = copy.deepcopy(full_kv)  # the target's own keys and values before the chunk's first change
-                kv.crop(offset - tokens.shape[1])  # transformers 5: a negative count drops the last positions
-                kv.reorder_cache(rows)
-                kwargs["past_key_values"] = kv
+            kwargs = {"attention_mask": None if full_mask is None else full_mask[rows], "logits_to_keep": 1}
+            if offset:  # the target's own keys and values before the chunk's first change, never copied per row
+                kwargs["past_key_values"] = row_view(full_kv, rows, offset)
             inputs = tokens[rows, offset:]
             if first:
-                inputs, kwargs["start_at_layer"] = resid[first][rows, offset:], first
+                inputs, kwargs["start_at_layer"] = resid[first][rows.to(resid[first].device), offset - lo:], first
             with model.hooks(fwd_hooks=hooks):
                 logits = model(inputs, **kwargs)
             for block, i in enumerate(chunk):
@@ -288,14 +316,27 @@ def _hook_layer(name: str) -> int:
 # -- activation patching ----------------------------------------------------------------------------
 
 
-def _prepare(model, batch: PairBatch, names: Sequence[str], direction: Direction):
+def _columns(where) -> list[int | None]:
+    """Each position site's column in activations kept at chosen positions only, or None per site when
+    some site covers all positions (then every position is kept)."""
+    if not where or any(pos is None for _, pos in where):
+        return [None] * len(where or ())
+    return list(range(len(where)))
+
+
+def _prepare(model, batch: PairBatch, names: Sequence[str], direction: Direction, where=None):
     """The batch with baselines, the target prompts, and source/target activations of ``names`` with their
-    ``differences``."""
+    ``differences``. With position sites ``where`` (:func:`_position_sites`) that each patch one position
+    per row, only those positions are kept ([batch, site, ...], site ``j`` at column ``_columns(where)[j]``):
+    memory then grows with the patched layers and positions, not with the prompt."""
     check_choice("direction", direction, ("denoising", "noising"))
     batch = batch.to(model.cfg.device)
+    pos = None
+    if where and _columns(where)[0] is not None:
+        pos = torch.stack([p for _, p in where], 1)
     with torch.inference_mode():
-        clean_logits, clean = _run(model, batch.clean_tokens, batch.attention_mask, names)
-        corrupt_logits, corrupt = _run(model, batch.corrupt_tokens, batch.attention_mask, names)
+        clean_logits, clean = _run(model, batch.clean_tokens, batch.attention_mask, names, pos)
+        corrupt_logits, corrupt = _run(model, batch.corrupt_tokens, batch.attention_mask, names, pos)
         batch = attach_baselines(batch, clean_logits, corrupt_logits)
         source, target = (clean, corrupt) if direction == "denoising" else (corrupt, clean)
         differs = {n: differences(source[n], target[n]) for n in names}
@@ -387,9 +428,11 @@ def patch_layer_outputs(model, batch: PairBatch, component: Literal["attn_out", 
 def _layer_sweep(model, batch, hook, metric, direction, layers, positions, per_pair, loop) -> pd.DataFrame:
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     names = [f"blocks.{layer}.{hook}" for layer in layers]
-    batch, target, source, _, differs = _prepare(model, batch, names, direction)
-    where = _position_sites(batch, positions)
-    sites = [[copy_patch(name, source[name], differs[name], pos)] for name in names for _, pos in where]
+    where = _position_sites(batch.to(model.cfg.device), positions)
+    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
+    cols = _columns(where)
+    sites = [[copy_patch(name, source[name], differs[name], pos, column=c)]
+             for name in names for (_, pos), c in zip(where, cols)]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
     tokens = [_token_label(model.tokenizer, batch, pos) for _, pos in where]
     keys = [(layer, label, token) for layer in layers for (label, _), token in zip(where, tokens)]
@@ -403,17 +446,19 @@ def patch_heads(model, batch: PairBatch, *, metric: Metric = normalised_logit_di
     interval columns."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     names = [_z(layer) for layer in range(n_layers)]
-    batch, target, source, _, differs = _prepare(model, batch, names, direction)
-    where = _position_sites(batch, positions)
+    where = _position_sites(batch.to(model.cfg.device), positions)
+    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
+    cols = _columns(where)
     keys = [(layer, label, head) for layer in range(n_layers) for label, _ in where for head in range(n_heads)]
-    sites = [[copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, [head])]
-             for layer in range(n_layers) for _, pos in where for head in range(n_heads)]
+    sites = [[copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, [head], c)]
+             for layer in range(n_layers) for (_, pos), c in zip(where, cols) for head in range(n_heads)]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
     return _frame(model, keys, ["layer", "position", "head_index"], values, batch, metric, per_pair)
 
 
-def _group_patches(source, differs, heads: Mapping[int, list[int]], pos) -> list[Patch]:
-    return [copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, hs) for layer, hs in heads.items()]
+def _group_patches(source, differs, heads: Mapping[int, list[int]], pos, column: int | None = None) -> list[Patch]:
+    return [copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, hs, column)
+            for layer, hs in heads.items()]
 
 
 def patch_head_groups(model, batch: PairBatch, groups: Mapping[str, Heads], *, metric: Metric = normalised_logit_diff,
@@ -423,9 +468,10 @@ def patch_head_groups(model, batch: PairBatch, groups: Mapping[str, Heads], *, m
     metric, value and the interval columns."""
     groups = {name: _heads(hs) for name, hs in groups.items()}
     names = sorted({_z(layer) for hs in groups.values() for layer in hs})
-    batch, target, source, _, differs = _prepare(model, batch, names, direction)
-    where = _position_sites(batch, positions)
-    sites = [_group_patches(source, differs, hs, pos) for hs in groups.values() for _, pos in where]
+    where = _position_sites(batch.to(model.cfg.device), positions)
+    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
+    cols = _columns(where)
+    sites = [_group_patches(source, differs, hs, pos, c) for hs in groups.values() for (_, pos), c in zip(where, cols)]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
     return _frame(model, [(name, label) for name in groups for label, _ in where], ["group", "position"], values,
                   batch, metric, per_pair)

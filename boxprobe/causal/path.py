@@ -60,15 +60,18 @@ def _final_hook(model) -> str:
 
 def _final_add_setter(act, offset: int, *, writes, pos) -> None:
     # As add_path_setter, for the final residual stream [batch, pos, d_model].
-    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs], w[hs]) for z, hs, w in writes)
+    delta = sum(torch.einsum("bphd,hdm->bpm", z[:, offset:, hs].to(w.device), w[hs]).to(act.device)
+                for z, hs, w in writes)
     if pos is not None:
-        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos[:, None]
+        at = torch.arange(offset, act.shape[1] + offset, device=act.device)[None, :] == pos.to(act.device)[:, None]
         delta = delta * at[..., None]
     act += delta.to(act.dtype)
 
 
 def _freeze_setter(act, offset: int, *, target, source, heads, pos) -> None:
     """Every head's output from ``target`` except ``heads``, which get ``source`` at ``pos`` (or everywhere)."""
+    target, source = target.to(act.device), source.to(act.device)  # no-ops unless blocks sit on several devices
+    pos = None if pos is None else pos.to(act.device)
     act[:] = target[:, offset:]
     if heads:
         h = torch.as_tensor(list(heads), device=act.device)
@@ -83,7 +86,7 @@ def _freeze_setter(act, offset: int, *, target, source, heads, pos) -> None:
 
 def _copy_input_setter(act, offset: int, *, resid, slots, pos) -> None:
     # Replace the receivers' q/k/v input [batch, pos, head, d_model] at ``pos`` by the recorded residual [batch, d_model].
-    rows = torch.arange(act.shape[0], device=act.device)
+    rows, pos, resid = torch.arange(act.shape[0], device=act.device), pos.to(act.device), resid.to(act.device)
     keep = pos >= offset
     rows, p = rows[keep], pos[keep]
     h = torch.as_tensor(slots, device=act.device)

@@ -561,6 +561,13 @@ def load_model(
         device_map={k: str(v) for k, v in realised_map.items()} if realised_map else None,
         n_devices=int(getattr(model.cfg, "n_devices", 1) or 1),
     )
+    # While config.use_cache is set, transformers builds a key-value cache in every forward pass: every
+    # layer's keys and values for the whole batch, held to the end of the pass (memory that grows with depth)
+    # and never read. Passes that want one ask for it (use_cache=True, or past_key_values).
+    for config in {id(c): c for c in (model.original_model.config,
+                                      getattr(model.original_model.config, "get_text_config", lambda: None)())
+                   if c is not None}.values():
+        config.use_cache = False
     return model
 
 

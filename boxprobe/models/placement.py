@@ -4,6 +4,7 @@ models, passed through to :func:`boxprobe.models.loading.load_model` (and on to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,14 @@ class LoadConfig:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``load_model``, only those set."""
         return {k: v for k, v in vars(self).items() if v is not None}
+
+    def override(self, other: "LoadConfig") -> "LoadConfig":
+        """This placement with ``other``'s set fields in place of its own (command-line flags over a config)."""
+        return dataclasses.replace(self, **other.kwargs())
+
+    def single_device(self) -> "LoadConfig":
+        """Device and dtype only: for a re-initialised copy, which ``load_model`` builds on one device."""
+        return LoadConfig(device=self.device, dtype=self.dtype)
 
 
 def parse_mapping(text: str | None, flag: str) -> str | dict | None:

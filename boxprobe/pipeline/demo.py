@@ -12,7 +12,7 @@ import logging
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +28,7 @@ from boxprobe.behaviour.evaluate import EvalConfig, evaluate
 from boxprobe.data.queries import QuerySet, prepare
 from boxprobe.probing.experiment import ProbeExperiment, ProbeExperimentConfig
 from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_id, model_info
+from boxprobe.models.placement import LoadConfig
 from boxprobe.behaviour.scoring import accuracy_by_numops
 from boxprobe.data.task import TaskConfig, generate_dataset, read_examples
 from boxprobe.errors import MissingFileError
@@ -63,6 +64,8 @@ class DemoConfig:
     """Training states (all 7 boxes each) the probes are fit on; the probe stage's cost grows with it."""
     threads: int | None = 1
     """torch CPU threads; the toy models are so small that one thread is fastest (None: torch's default)."""
+    load: LoadConfig = field(default_factory=LoadConfig)
+    """Model placement: device, dtype, device_map, n_devices, max_memory, offload_folder."""
 
     def __post_init__(self) -> None:
         for stage in self.stages:
@@ -152,7 +155,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> Path:
             "of the boxprobe source repository, not in the installed package. Run the demo from a clone of the "
             "repository, or name other models (DemoConfig.models, --models on the command line).")
     # Stages, threads and batch size do not change what a stage writes: a rerun of some stages is the same run.
-    signature = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "stages", "threads", "batch_size")}
+    signature = {k: v for k, v in asdict(cfg).items()
+                 if k not in ("out_dir", "stages", "threads", "batch_size", "load")}
+    if cfg.load.dtype is not None:  # where a model sits changes nothing, its dtype does
+        signature["model_dtype"] = cfg.load.dtype
     with claim_run_dir(cfg.out_dir, "demo", signature, overwrite=overwrite):
         return _run_demo(cfg, Path(cfg.out_dir))
 
@@ -167,7 +173,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     examples = read_examples(data)
     models = {}
     for m in cfg.models:  # each model is loaded once, its queries prepared once, for every stage
-        model = load_model(m)
+        model = load_model(m, **cfg.load.kwargs())
         models[model_id(model)] = model
     if len(models) < len(cfg.models):
         raise ConfigError("Two of the demo's models are the same checkpoint; list each model once.")

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +42,9 @@ from boxprobe.data.queries import QuerySet, prepare, resolve_spec
 from boxprobe.data.task import Example, load_vocabulary, read_examples
 from boxprobe.errors import MissingFileError
 from boxprobe.models.loading import load_model, model_id, model_info, model_n_layers
+from boxprobe.models.placement import LoadConfig
 from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_run_dir
+from boxprobe.probing.features import Side as _Side, joined_probe as _merge_layers, side_features as _features
 from boxprobe.probing.probes import check_Cs
 from boxprobe.probing.baselines import (FittedProbe, control_labels_for, initial_prediction, majority_prediction,
                                         metric_parts, permuted_labels, score_rows)
@@ -109,10 +111,19 @@ class ProbeExperimentConfig:
     """Cluster-bootstrap resamples for intervals and model differences."""
     seed: int = 0
     """Seed of training-state sampling, splits, permutations, controls and bootstraps."""
+    layer_block: int | None = None
+    """Layers whose features are read from the cache, upcast to float32 and probed at a time (the cache keeps
+    its ``dtype`` on disk and in the read); None: every layer at once. Results do not depend on it; peak
+    memory grows with it."""
     device: str | None = None
-    """Model device; None picks cuda when available."""
+    """Model device; None picks cuda when available. Shorthand for ``load.device`` (set one of the two)."""
+    load: LoadConfig = field(default_factory=LoadConfig)
+    """Model placement: device, dtype, device_map, n_devices, max_memory, offload_folder
+    (:class:`boxprobe.models.placement.LoadConfig`); the random-init copy loads with its device and dtype."""
 
     def __post_init__(self) -> None:
+        if self.device is not None and self.load.device is not None and self.device != self.load.device:
+            raise ConfigError(f"device {self.device!r} and load.device {self.load.device!r} disagree; set only load.device.")
         for target in self.targets:
             check_choice("target", target, TARGETS)
         for baseline in self.baselines:
@@ -133,6 +144,8 @@ class ProbeExperimentConfig:
                               f"got {list(self.split)}.")
         if self.causal_check and "first_object" not in self.targets:
             raise ConfigError("causal_check ablates the first_object probe's directions; add first_object to targets.")
+        if self.layer_block is not None and self.layer_block < 1:
+            raise ConfigError(f"layer_block must be >= 1 (or null for every layer at once), got {self.layer_block}.")
         for name in ("n_boot", "batch_size", "causal_n", "causal_random"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -148,6 +161,10 @@ class ProbeExperimentConfig:
             if n is not None and self.layers and max(self.layers) >= n:
                 raise ConfigError(f"layer {max(self.layers)} (layers) does not exist in model {name!r}, "
                                   f"which has layers 0..{n - 1} by its config.json.")
+
+    def placement(self) -> LoadConfig:
+        """How each model loads: ``load``, with ``device`` as its device when only that is set."""
+        return self.load if self.device is None else self.load.override(LoadConfig(device=self.device))
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProbeExperimentConfig":
@@ -204,24 +221,6 @@ def sample_states(examples: Sequence[Example], limit: int | None, seed: int) -> 
     return list(examples)
 
 
-@dataclass
-class _Side:
-    """One cached item set (train or test) of one model: metadata and features per role, contexts, queries."""
-
-    meta: dict
-    X: dict
-    embed: dict
-    contexts: list
-    queries: QuerySet
-    layers: tuple[int, ...]
-    """The model's layer number of each cached slot."""
-
-
-def _features(side: _Side, role, embed: bool = False) -> np.ndarray:
-    store = side.embed if embed else side.X
-    return np.concatenate([store[r] for r in role]) if isinstance(role, tuple) else store[role]
-
-
 class ProbeExperiment:
     """Runs the stages of a :class:`ProbeExperimentConfig`; see the module docstring."""
 
@@ -246,7 +245,10 @@ class ProbeExperiment:
         if given is not None and not random_init:
             return given
         source = model_info(given).path_or_id if given is not None and model_info(given) else self.cfg.models[i]
-        return load_model(source, device=self.cfg.device, random_init=random_init, seed=self.cfg.seed)
+        load = self.cfg.placement()
+        if random_init:  # load_model re-initialises on one device only
+            return load_model(source, **load.single_device().kwargs(), random_init=True, seed=self.cfg.seed)
+        return load_model(source, **load.kwargs())
 
     def run(self) -> ProbeRun:
         """Check the config and data and claim ``out_dir`` (:mod:`boxprobe.pipeline.rundir`), all before any
@@ -257,7 +259,10 @@ class ProbeExperiment:
         test_examples = read_examples(cfg.data)
         train_examples = sample_states(read_examples(cfg.train_path()), cfg.train_limit, cfg.seed)
         # Settings that do not change results may differ between a run and its resumption.
-        signature = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "device", "batch_size")}
+        signature = {k: v for k, v in asdict(cfg).items()
+                     if k not in ("out_dir", "device", "batch_size", "load", "layer_block")}
+        if cfg.load.dtype is not None:  # where a model sits changes nothing, its dtype does
+            signature["model_dtype"] = cfg.load.dtype
         with claim_run_dir(self.out, "probe", signature, overwrite=self.overwrite):
             return self._run(test_examples, train_examples)
 
@@ -345,22 +350,39 @@ class ProbeExperiment:
         request = hashlib.sha256(json.dumps([roles, hooks, cfg.layers, cfg.dtype]).encode()).hexdigest()[:8]
         reader = build_cache(model, queries, self.out / "cache" / label / f"{split}-{request}", cache_cfg,
                              data_hash=queries_sha256(queries), repair=self.repair)
-        X = {role: reader.activations(cfg.hook, role).float().numpy() for role in roles}
+        # the probed hook's layers stay on disk, read a block at a time (_Side.features); the embedding is one layer
         embed = ({role: reader.activations(EMBED_HOOK, role).float().numpy() for role in roles}
                  if EMBED_HOOK in hooks else {})
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
-        return _Side(meta, X, embed, [it.query.examples[0].context for it in queries], queries,
+        return _Side(meta, reader, cfg.hook, embed, [it.query.examples[0].context for it in queries], queries,
                      reader.layers(cfg.hook))
 
     def _probe(self, name: str, model, train: _Side, test: _Side, label: str, random_init: bool):
         cfg = self.cfg
         tr, role = build_target(name, train.meta, train.contexts, self.vocab)
         te, _ = build_target(name, test.meta, test.contexts, self.vocab)
-        Xtr, Xte = _features(train, role)[tr.rows], _features(test, role)[te.rows]
-        L, items = Xtr.shape[1], np.arange(len(te.y))
+        L, items = len(train.layers), np.arange(len(te.y))
         kw = {"n_layers": L, "n_boot": cfg.n_boot, "seed": cfg.seed, "model": label, "probe": name}
-        probe = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr)
-        pred = probe.predict(Xte, te)
+        # Layers are fit independently, so a block at a time gives the all-layer fit's probes; only the block's
+        # features are ever upcast and held.
+        block = cfg.layer_block or L
+        probes, preds, perms, ctrls = [], [], [], []
+        for start in range(0, L, block):
+            sl = slice(start, min(start + block, L))
+            Xtr, Xte = train.features(role, sl)[tr.rows], test.features(role, sl)[te.rows]
+            probe = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr)
+            probes.append(probe)
+            preds.append(probe.predict(Xte, te))
+            if not random_init and "permutation" in cfg.baselines:
+                perm = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr, C=probe.C,
+                                                                              y=permuted_labels(tr, cfg.seed))
+                perms.append(perm.predict(Xte, te))
+            if not random_init and name in TOKEN_LEVEL:
+                ctr = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(
+                    Xtr, tr, C=probe.C, y=control_labels_for(tr, cfg.seed))
+                ctrls.append(ctr.predict(Xte, te))
+            del Xtr, Xte
+        pred = np.concatenate(preds, 1)
         rows = [score_rows(pred, te, items, kind="random_init" if random_init else "task", **kw)]
         if not random_init:
             if "majority" in cfg.baselines:
@@ -374,19 +396,15 @@ class ProbeExperiment:
                 else:
                     emb_pred = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Etr, tr).predict(Ete, te)[:, :1]
                 rows.append(score_rows(emb_pred, te, items, kind="embedding", **kw))
-            if "permutation" in cfg.baselines:
-                perm = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(Xtr, tr, C=probe.C,
-                                                                              y=permuted_labels(tr, cfg.seed))
-                rows.append(score_rows(perm.predict(Xte, te), te, items, kind="permutation", **kw))
-            if name in TOKEN_LEVEL:
-                ctr = FittedProbe(tr, cfg.Cs, cfg.seed, split=cfg.split).fit(
-                    Xtr, tr, C=probe.C, y=control_labels_for(tr, cfg.seed))
+            if perms:
+                rows.append(score_rows(np.concatenate(perms, 1), te, items, kind="permutation", **kw))
+            if ctrls:
                 te_ctrl = Target(**{**vars(te), "y": control_labels_for(te, cfg.seed)})
-                rows.append(score_rows(ctr.predict(Xte, te), te_ctrl, items, kind="control", **kw))
+                rows.append(score_rows(np.concatenate(ctrls, 1), te_ctrl, items, kind="control", **kw))
             if name in ("first_object", "kth_object"):
                 rows += self._model_argmax(model, test.queries, te, kw)
         if name == "first_object" and not random_init:
-            self._first = (probe, te, test.queries)
+            self._first = (_merge_layers(probes), te, test.queries)
         num, den = metric_parts(pred, te)["accuracy"][0]
         correct = (num / np.maximum(den, 1e-12), te.groups, den[:, 0] > 0)
         heat = pd.DataFrame([{"model": label + (" (random init)" if random_init else ""), "probe": name,

@@ -86,11 +86,15 @@ def _prepare(model, queries: QuerySet, objects: Sequence[str], role: str | None)
 
 def _project(act: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(act.dtype, torch.float32)  # project in at least float32 (bfloat16 models)
-    return (act.to(dtype) @ P.to(dtype)).to(act.dtype)
+    return (act.to(dtype) @ P.to(act.device, dtype)).to(act.dtype)
 
 
 def _ablation_hook(act, hook, *, P: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor | None):
-    """``P`` [d, d] (one set for every query) or [batch, d, d] (one projection per query of the batch)."""
+    """``P`` [d, d] (one set for every query) or [batch, d, d] (one projection per query of the batch), moved
+    to the hooked tensor's device (blocks may sit on several)."""
+    P = P.to(act.device)
+    rows = None if rows is None else rows.to(act.device)
+    pos = None if pos is None else pos.to(act.device)
     if P.ndim == 3:
         dtype = torch.promote_types(act.dtype, torch.float32)
         if rows is None:
