@@ -12,7 +12,7 @@ import torch
 
 from boxprobe.causal import patching as P
 from boxprobe.causal.circuit import Circuit, CircuitConfig, discover_circuit
-from boxprobe.causal.cmap import cross_model_patch
+from boxprobe.causal.cmap import METRICS, cross_model_patch
 from boxprobe.causal.faithfulness import evaluate_circuit, evaluate_head_sets
 from boxprobe.causal.path import kv_head, path_patch
 from boxprobe.causal.stats import clustered_bootstrap
@@ -310,7 +310,10 @@ def test_cmap_is_long_and_exact_for_the_same_model(tmp_path, toy3, batch3):
     acc = out[out["metric"] == "accuracy"]
     assert acc["ci_low"].between(0, 1).all() and acc["ci_high"].between(0, 1).all()
     per = cross_model_patch(toy3, same, batch3, {"g": [(2, 1)]}, per_pair=True, progress=False)
-    assert len(per) == 3 * 3 * len(batch3) and {"pair", "context"} <= set(per.columns)
+    assert len(per) == 3 * len(METRICS) * len(batch3) and {"pair", "context"} <= set(per.columns)
+    change = out[out["metric"] == "prob_change"].set_index("stage")["value"]
+    assert change["before"] == 0  # relative to the recipient's own unpatched probability
+    assert out[out["metric"] == "correct_prob"]["value"].between(0, 1).all()
     narrow = load_model(make_toy_checkpoint(tmp_path / "narrow", d_model=32), device="cpu")
     with pytest.raises(ModelMismatchError, match="d_model"):
         cross_model_patch(toy3, narrow, batch3, progress=False)
