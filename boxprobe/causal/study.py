@@ -129,7 +129,8 @@ def dcm_study(model, queries: QuerySet, circuit: Circuit, out_dir: str | Path, c
 def cmap_study(recipient, donor, queries: QuerySet, circuit: Circuit, out_dir: str | Path,
                cfg: CircuitStudyConfig = CircuitStudyConfig()) -> pd.DataFrame:
     """CMAP per circuit group, donor -> recipient, on random-query pairs the recipient gets wrong -> ``cmap.csv``."""
-    pairs, _ = build_pairs(recipient, queries, "random-query", seed=cfg.seed + 1, limit=None, correct_only=False)
+    pairs, _ = build_pairs(recipient, queries, "random-query", seed=cfg.seed + 1, limit=None, correct_only=False,
+                           wrong_only=True)
     if not pairs:
         raise DataError("No pairs for CMAP.")
     batch = wrong_pairs(recipient, collate_pairs(pairs, recipient.tokenizer.pad_token_id, recipient.cfg.device))
