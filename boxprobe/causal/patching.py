@@ -192,34 +192,166 @@ def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, off
     return act
 
 
+# Per-forward overhead of the bridge, in row-positions of a full forward (about 10 ms, or 130 rows x
+# positions, for the 4-layer toy model on a CPU): what merging sites into one forward saves.
+FORWARD_COST = 128
+
+
+def position_ids(mask: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
+    """The rotary positions TransformerBridge derives from a left-padded mask (``transformer_bridge.forward``):
+    counted from each row's first real token; rows without left padding keep ``arange``. A forward that
+    starts from a residual stream (``start_at_layer``) gets no such derivation, so it is passed in."""
+    derived = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    arange = torch.arange(mask.shape[1], device=mask.device).expand_as(derived)
+    needs = ((derived != arange) & (mask != 0)).any(-1, keepdim=True)
+    return torch.where(needs, derived, arange)
+
+
+@contextmanager
+def skip_blocks(model, n: int) -> Iterator[None]:
+    """While active, blocks ``0..n-1`` return their input without computing anything.
+
+    ``start_at_layer=n`` alone still runs those blocks (on the injected residual) and then discards their
+    output; with this their cost is gone too. Their hooks still fire, on the passed-through value."""
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    inner = [block.original_component for block in list(model.blocks)[:n]]
+    try:
+        for module in inner:
+            module.forward = passthrough  # an instance attribute shadows the class's forward
+        yield
+    finally:
+        for module in inner:
+            module.__dict__.pop("forward", None)
+
+
+def _last_only(act, hook):
+    return act[:, -1:]
+
+
+def read_last_hooks(model) -> list[tuple[str, Callable]]:
+    """Hooks that compute the last block's MLP and the unembedding at the last position only (metrics
+    read only it; the last block's keys and values, which earlier positions still need, come before)."""
+    return [(f"blocks.{model.cfg.n_layers - 1}.mlp.hook_in", _last_only), ("ln_final.hook_in", _last_only)]
+
+
+_AFTER_LAST_MLP_IN = re.compile(r"(hook_out|hook_resid_post|hook_resid_mid|hook_mlp_in|hook_mlp_out|ln2\.|mlp\.)")
+
+
+def _before_read_last(name: str, n_layers: int) -> bool:
+    """Whether a hook fires before the :func:`read_last_hooks` slice (so its activation has every position)."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", name)
+    if not m:
+        return not name.startswith(("ln_final", "unembed"))
+    return int(m.group(1)) < n_layers - 1 or not _AFTER_LAST_MLP_IN.match(m.group(2))
+
+
+def plan_chunks(live: Sequence[int], starts: Sequence[int], layer_of: Sequence[int], n_rows: int, n_pos: int,
+                n_layers: int, per_forward: int) -> list[list[int]]:
+    """Sites grouped into forwards: each chunk shares one start layer, its sites are neighbours in start
+    position, and the chunk boundaries minimise the estimated cost (a dynamic programme per layer): rows x
+    positions from the chunk's earliest start x the share of layers run, plus ``FORWARD_COST`` per forward."""
+    chunks = []
+    for layer in sorted({layer_of[i] for i in live}):
+        sites = sorted((i for i in live if layer_of[i] == layer), key=lambda i: -starts[i])
+        share = (n_layers - layer) / n_layers
+        best, cut = [0.0], [0]
+        for j in range(1, len(sites) + 1):
+            options = [(best[i] + FORWARD_COST + (j - i) * n_rows * (n_pos - starts[sites[j - 1]]) * share, i)
+                       for i in range(max(0, j - per_forward), j)]
+            cost, i = min(options)
+            best.append(cost)
+            cut.append(i)
+        j, out = len(sites), []
+        while j:
+            out.append(sites[cut[j]:j])
+            j = cut[j]
+        chunks += out[::-1]
+    return chunks
+
+
+class _Target(NamedTuple):
+    """The unpatched target run's reusable state: tokens, mask, rotary positions, key-value cache and
+    residual streams (block -> [batch, pos, d_model]) that chunks start from."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None
+    positions: torch.Tensor
+    kv: object | None
+    resid: dict
+
+
+def _forward(model, target: _Target, rows: torch.Tensor, offset: int, first: int, hooks: list,
+             read_last: bool) -> torch.Tensor:
+    """Logits of ``target``'s ``rows`` from position ``offset`` and block ``first`` on, with ``hooks``."""
+    tokens, mask = target.tokens, target.mask
+    kwargs = {"attention_mask": None if mask is None else mask[rows]}
+    if offset:
+        kv = copy.deepcopy(target.kv)  # the target's own keys and values before the chunk's first change
+        kv.crop(offset - tokens.shape[1])  # transformers 5: a negative count drops the last positions
+        kv.reorder_cache(rows)
+        kwargs["past_key_values"] = kv
+    inputs = tokens[rows, offset:]
+    if first:
+        inputs, kwargs["start_at_layer"] = target.resid[first][rows, offset:], first
+        kwargs["position_ids"] = target.positions[rows, offset:]
+    hooks = hooks + (read_last_hooks(model) if read_last else [])
+    with model.hooks(fwd_hooks=hooks), skip_blocks(model, first):
+        return model(inputs, **kwargs)
+
+
+def _shortcuts_exact(model, target: _Target, logits: torch.Tensor, offset: int, first: int, read_last: bool) -> bool:
+    """Whether an unpatched forward through the shortcuts reproduces the target's last-position logits."""
+    n = target.tokens.shape[0]
+    try:
+        got = _forward(model, target, torch.arange(n, device=target.tokens.device), offset, first, [], read_last)
+    except Exception as err:  # an architecture whose blocks cannot be skipped or sliced
+        logger.warning("patching shortcuts unavailable for %s (%s); running every block", model_label(model), err)
+        return False
+    ref = logits[:, -1].float()
+    tol = (1e-4 if ref.dtype == torch.float32 and logits.dtype == torch.float32 else 5e-2) * ref.abs().max().item()
+    ok = got.shape[0] == n and torch.allclose(got[:, -1].float(), ref, atol=tol, rtol=0)
+    if not ok:
+        logger.warning("patching shortcuts do not reproduce %s's logits; running every block", model_label(model))
+    return bool(ok)
+
+
 @halve_on_oom("max_batch", "patching")  # reruns with half the rows per forward on out-of-memory
 def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], metrics: Mapping[str, Metric], *,
                   target: Literal["clean", "corrupt"], max_batch: int = 64, kv_prefix: bool | None = None,
                   split_qkv: bool = False, shortcuts: bool = True, progress: bool = True,
                   collect: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  skip_layers: bool | None = None) -> Float[torch.Tensor, "site metric pair"]:
+                  skip_layers: bool | None = None, read_last: bool | None = None) -> Float[torch.Tensor, "site metric pair"]:
     """Each metric, per pair, with each site's patches applied to the ``target`` prompts.
 
     ``collect``: hook name -> (pos [pair], out [site, pair, ...]); each site's activation of that hook at
     ``pos`` is written into ``out`` (prefilled by the caller with the unpatched run's values, which rows
     whose ``pos`` lies in a cached prefix keep).
 
-    ``max_batch``: rows per forward (sites x pairs; at least one site). ``kv_prefix``: reuse the target's
-    key-value cache before each chunk's first changed position (None: when ``kv_cache_works``).
-    ``skip_layers``: start a site whose patches all sit at layer L or above at block L, from the target's
-    residual stream (exact: nothing below L changes; None: with ``kv_prefix`` when the target's residual
-    streams fit in 512 MiB; never with left padding, whose positions a later block cannot recover). ``shortcuts=False`` runs every site over every position (no skipping, no
-    cache), for comparison."""
+    ``max_batch``: rows per forward (sites x pairs; at least one site). The exact shortcuts, each checked
+    once on the unpatched target run and dropped (with a warning) where it does not reproduce it:
+    ``kv_prefix`` reuses the target's key-value cache before each chunk's first changed position (None:
+    when ``kv_cache_works``); ``skip_layers`` starts a site whose patches and collected hooks all sit at
+    block L or above at block L, from the target's residual stream under the same mask and rotary
+    positions, without running the blocks below (None: with ``kv_prefix`` when the target's residual
+    streams fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
+    position only (None: when no patch or collected hook sits after that point). ``shortcuts=False`` runs
+    every site over every position and block (no skipping, no cache), for comparison."""
     check_choice("target", target, ("clean", "corrupt"))
     tokens, mask = (batch.clean_tokens if target == "clean" else batch.corrupt_tokens), batch.attention_mask
-    n = tokens.shape[0]
+    n, n_layers = tokens.shape[0], model.cfg.n_layers
     if shortcuts:
         starts = [min((p.start for p in site if p.start is not None), default=None) for site in sites]
     else:
-        starts, kv_prefix, skip_layers = [0] * len(sites), False, False
+        starts, kv_prefix, skip_layers, read_last = [0] * len(sites), False, False, False
         sites = [[p._replace(start=0) for p in site] for site in sites]
+    names = {p.hook for site in sites for p in site} | set(collect or {})
+    if read_last is None:
+        read_last = all(_before_read_last(name, n_layers) for name in names)
     # A site whose patches all sit at layer L or above leaves layers below L as in the target run.
-    floor = min((_hook_layer(name) for name in (collect or {})), default=model.cfg.n_layers)
+    floor = min((_hook_layer(name) for name in (collect or {})), default=n_layers)
     layer_of = [min([_hook_layer(p.hook) for p in site if p.start is not None] + [floor]) for site in sites]
     live = [i for i, s in enumerate(starts) if s is not None]
     values = torch.empty(len(sites), len(metrics), n)
@@ -229,15 +361,10 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
             kv_prefix = bool(live) and max(starts[i] for i in live) > 0 and kv_cache_works(
                 model, tokens[0, int(batch.pad[0]):].tolist())
         if skip_layers is None:  # the target's residual stream at every layer is kept for the whole batch
-            skip_layers = kv_prefix and tokens.numel() * model.cfg.d_model * model.cfg.n_layers * 4 <= 2 ** 29
-        # Starting at a later block takes positions from the cache length, not from the mask: no padding then.
-        skip_layers = bool(skip_layers and kv_prefix and (mask is None or bool(mask.all())))
-        if not skip_layers:
-            layer_of = [0] * len(sites)
-        # Chunks of one start layer and neighbouring start positions: little is recomputed in either.
-        live.sort(key=lambda i: (layer_of[i], -starts[i]))
+            skip_layers = kv_prefix and tokens.numel() * model.cfg.d_model * n_layers * 4 <= 2 ** 29
+        skip_layers = bool(skip_layers and kv_prefix)
+        needed = sorted({layer_of[i] for i in live} - {0, n_layers}) if skip_layers else []
         resid: dict[int, torch.Tensor] = {}
-        needed = sorted({layer_of[i] for i in live} - {0})
 
         def keep(act, hook):
             resid[_hook_layer(hook.name)] = act.clone()
@@ -247,9 +374,17 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
             if kv_prefix:
                 logits, full_kv = model(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
             else:
-                logits = model(tokens, attention_mask=mask)
+                logits, full_kv = model(tokens, attention_mask=mask), None
         values[:] = _evaluate(metrics, logits, batch)
-        chunks = [live[i:i + per_forward] for i in range(0, len(live), per_forward)]
+        state = _Target(tokens, mask, position_ids(mask if mask is not None else torch.ones_like(tokens)), full_kv,
+                        resid)
+        if live and (needed or read_last):
+            check_offset = min(max(starts[i] for i in live), tokens.shape[1] - 1) if kv_prefix else 0
+            if not _shortcuts_exact(model, state, logits, check_offset, max(needed, default=0), read_last):
+                needed, read_last = [], False
+        if not needed:
+            layer_of = [0] * len(sites)
+        chunks = plan_chunks(live, [s or 0 for s in starts], layer_of, n, tokens.shape[1], n_layers, per_forward)
         for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
             offset = min(starts[i] for i in chunk) if kv_prefix else 0
             first = min(layer_of[i] for i in chunk)
@@ -262,18 +397,7 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
             hooks += [(name, partial(_collect_hook, out=out, sites=chunk, n=n, offset=offset, pos=pos))
                       for name, (pos, out) in (collect or {}).items()]
             rows = torch.arange(n, device=tokens.device).repeat(len(chunk))
-            full_mask = mask  # unpadded: the causal mask alone is right, and cheaper to build
-            kwargs = {"attention_mask": None if full_mask is None else full_mask[rows]}
-            if offset:
-                kv = copy.deepcopy(full_kv)  # the target's own keys and values before the chunk's first change
-                kv.crop(offset - tokens.shape[1])  # transformers 5: a negative count drops the last positions
-                kv.reorder_cache(rows)
-                kwargs["past_key_values"] = kv
-            inputs = tokens[rows, offset:]
-            if first:
-                inputs, kwargs["start_at_layer"] = resid[first][rows, offset:], first
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(inputs, **kwargs)
+            logits = _forward(model, state, rows, offset, first, hooks, read_last)
             for block, i in enumerate(chunk):
                 values[i] = _evaluate(metrics, logits[block * n:(block + 1) * n], batch)
     return values
