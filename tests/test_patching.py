@@ -284,6 +284,16 @@ def test_shortcuts_on_padded_random_query_pairs(model, padded_random_query, capl
     # Sites at block 1 start there: block 0 runs only in the unpatched passes and for block-0 sites.
     n_sites = [int(((fast["layer"] == l) & (fast["position_index"] >= 0)).sum()) for l in range(2)]
     assert calls[0] < calls[1] and n_sites[0] > 0
+    # Some layer-0 sites change only some pairs (their tokens agree elsewhere): only those rows were run.
+    name = "blocks.0.hook_resid_pre"
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask, names_filter=[name])
+        _, corrupt = model.run_with_cache(b.corrupt_tokens, attention_mask=b.attention_mask, names_filter=[name])
+    differs = P.differences(clean[name], corrupt[name])
+    partial_sites = [p for p in range(b.n_pos) if P._site_pairs(
+        [P.copy_patch(name, clean[name], differs, torch.full((len(b),), p))], len(b)) is not None]
+    assert partial_sites and any(P.copy_patch(name, clean[name], differs, torch.full((len(b),), p)).start is not None
+                                 for p in partial_sites)
     # A patch after the last block's MLP input turns the last-position read off by itself, and stays exact.
     mlp = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", -1], progress=False)
     mlp_plain = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", -1], progress=False, shortcuts=False)
@@ -318,13 +328,14 @@ def test_plan_chunks_cover_each_site_once_within_a_layer():
     starts = [None, 3, 9, 4, 8, 0, 7, 7, 2]
     layer_of = [0, 0, 0, 1, 1, 1, 0, 1, 1]
     live = [i for i, s in enumerate(starts) if s is not None]
-    chunks = P.plan_chunks(live, [s or 0 for s in starts], layer_of, n_rows=2, n_pos=10, n_layers=2, per_forward=2)
+    rows = [2, 2, 2, 2, 1, 2, 2, 2, 5]
+    chunks = P.plan_chunks(live, [s or 0 for s in starts], layer_of, rows, n_pos=10, n_layers=2, max_rows=4)
     assert sorted(i for c in chunks for i in c) == live
-    assert all(len(c) <= 2 and len({layer_of[i] for i in c}) == 1 for c in chunks)
+    assert all((sum(rows[i] for i in c) <= 4 or len(c) == 1) and len({layer_of[i] for i in c}) == 1 for c in chunks)
     # Far-apart starts are not merged when the wasted positions cost more than a forward.
     P_cost, P.FORWARD_COST = P.FORWARD_COST, 0
     try:
-        alone = P.plan_chunks(live, [s or 0 for s in starts], layer_of, 2, 10, 2, 8)
+        alone = P.plan_chunks(live, [s or 0 for s in starts], layer_of, rows, 10, 2, 16)
     finally:
         P.FORWARD_COST = P_cost
     assert all(len({starts[i] for i in c}) == 1 for c in alone)

@@ -82,11 +82,14 @@ def _run(model, tokens, mask, names: Sequence[str] = ()):
 
 class Patch(NamedTuple):
     """One hook's edit within a site: ``setter(rows, offset)`` edits a site's rows in place, where
-    ``rows`` covers positions ``offset:``; ``start`` is the first position it changes (None: none)."""
+    ``rows`` covers positions ``offset:``; ``start`` is the first position it changes (None: none);
+    ``row_starts`` ([pair], optional) the first position it changes in each pair's row, -1 where it
+    changes nothing there (such rows are not run: their values are the unpatched run's)."""
 
     hook: str
     setter: Callable[[torch.Tensor, int], None]
     start: int | None
+    row_starts: torch.Tensor | None = None
 
 
 def copy_setter(act: Float[torch.Tensor, "batch suffix *rest"], offset: int, *,
@@ -136,17 +139,26 @@ def differences(source: Float[torch.Tensor, "batch pos *rest"],
 
 def _start(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None) -> int | None:
     """First position a patch over ``pos`` / ``heads`` changes, from ``differences`` ([batch, pos, ...])."""
+    rows = _row_starts(differs, pos, heads)
+    return int(rows[rows >= 0].min()) if bool((rows >= 0).any()) else None
+
+
+def _row_starts(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None) -> torch.Tensor:
+    """Per row, the first position a patch over ``pos`` / ``heads`` changes (-1: none)."""
+    d = differs if heads is None else differs[:, :, list(heads)]
     if pos is None:
-        return _first(differs if heads is None else differs[:, :, list(heads)])
-    at = differs[torch.arange(len(pos), device=pos.device), pos]  # [batch, (head,) 1]
-    hit = (at if heads is None else at[:, list(heads)]).reshape(len(pos), -1).any(-1)
-    return int(pos[hit].min()) if hit.any() else None
+        hit = d.reshape(d.shape[0], d.shape[1], -1).any(-1)  # [batch, pos]
+        return torch.where(hit.any(1), hit.int().argmax(1), -1)
+    at = d[torch.arange(len(pos), device=pos.device), pos].reshape(len(pos), -1).any(-1)
+    return torch.where(at, pos, -1)
 
 
 def copy_patch(hook: str, source: Float[torch.Tensor, "batch pos *rest"],
                differs: Bool[torch.Tensor, "batch pos *rest"], pos: Int[torch.Tensor, "batch"] | None = None, heads: Sequence[int] | None = None) -> Patch:
     """A Patch copying ``source`` into a run; ``differs = differences(source, that run's activation)``."""
-    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads), _start(differs, pos, heads))
+    rows = _row_starts(differs, pos, heads)
+    start = int(rows[rows >= 0].min()) if bool((rows >= 0).any()) else None
+    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads), start, rows)
 
 
 # -- the generic loop -------------------------------------------------------------------------------
@@ -172,8 +184,15 @@ def split_qkv_input(model, on: bool = True) -> Iterator[None]:
 
 
 def _stacked_hook(act, hook, *, entries, n: int, offset: int):
-    for block, setter in entries:
-        setter(act[block * n:(block + 1) * n], offset)
+    # entries: (rows of the site in this forward, the pairs they are or None for all n, setter)
+    for span, pairs, setter in entries:
+        if pairs is None:
+            setter(act[span], offset)
+        else:  # a setter edits all n pairs' rows; give it them, keep the site's
+            full = act.new_zeros((n, *act.shape[1:]))
+            full[pairs] = act[span]
+            setter(full, offset)
+            act[span] = full[pairs]
     return act
 
 
@@ -183,12 +202,14 @@ def _evaluate(metrics: Mapping[str, Metric], logits, batch: PairBatch) -> torch.
     return torch.stack([torch.as_tensor(f(logits, batch)).float().reshape(-1).expand(n).cpu() for f in metrics.values()])
 
 
-def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], n: int, offset: int, pos: torch.Tensor):
-    # Record each site's activation at its rows' position ``pos``; rows before ``offset`` keep the target's.
-    rows = torch.arange(n, device=act.device)
-    keep = pos >= offset
-    for block, site in enumerate(sites):
-        out[site, rows[keep]] = act[block * n + rows[keep], pos[keep] - offset].to(out.dtype).cpu()
+def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], spans: list, pairs: list, offset: int,
+                  pos: torch.Tensor):
+    # Record each site's activation at its rows' position ``pos``; rows before ``offset``, and pairs the
+    # site does not run, keep the target's (prefilled).
+    for site, span, rows in zip(sites, spans, pairs):
+        keep = pos[rows] >= offset
+        at = torch.arange(span.start, span.stop, device=act.device)[keep]
+        out[site, rows[keep].cpu()] = act[at, pos[rows][keep] - offset].to(out.dtype).cpu()
     return act
 
 
@@ -248,22 +269,28 @@ def _before_read_last(name: str, n_layers: int) -> bool:
     return int(m.group(1)) < n_layers - 1 or not _AFTER_LAST_MLP_IN.match(m.group(2))
 
 
-def plan_chunks(live: Sequence[int], starts: Sequence[int], layer_of: Sequence[int], n_rows: int, n_pos: int,
-                n_layers: int, per_forward: int) -> list[list[int]]:
+def plan_chunks(live: Sequence[int], starts: Sequence[int], layer_of: Sequence[int], rows_of: Sequence[int],
+                n_pos: int, n_layers: int, max_rows: int) -> list[list[int]]:
     """Sites grouped into forwards: each chunk shares one start layer, its sites are neighbours in start
-    position, and the chunk boundaries minimise the estimated cost (a dynamic programme per layer): rows x
-    positions from the chunk's earliest start x the share of layers run, plus ``FORWARD_COST`` per forward."""
+    position and have at most ``max_rows`` rows together (or are one site), and the chunk boundaries
+    minimise the estimated cost (a dynamic programme per layer): rows x positions from the chunk's
+    earliest start x the share of layers run, plus ``FORWARD_COST`` per forward."""
     chunks = []
     for layer in sorted({layer_of[i] for i in live}):
         sites = sorted((i for i in live if layer_of[i] == layer), key=lambda i: -starts[i])
         share = (n_layers - layer) / n_layers
         best, cut = [0.0], [0]
         for j in range(1, len(sites) + 1):
-            options = [(best[i] + FORWARD_COST + (j - i) * n_rows * (n_pos - starts[sites[j - 1]]) * share, i)
-                       for i in range(max(0, j - per_forward), j)]
-            cost, i = min(options)
+            width = n_pos - starts[sites[j - 1]]
+            cost, choice, rows, i = float("inf"), j - 1, 0, j
+            while i > 0 and (i == j or rows + rows_of[sites[i - 1]] <= max_rows):
+                i -= 1
+                rows += rows_of[sites[i]]
+                option = best[i] + FORWARD_COST + rows * width * share
+                if option < cost:
+                    cost, choice = option, i
             best.append(cost)
-            cut.append(i)
+            cut.append(choice)
         j, out = len(sites), []
         while j:
             out.append(sites[cut[j]:j])
@@ -346,7 +373,7 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
         starts = [min((p.start for p in site if p.start is not None), default=None) for site in sites]
     else:
         starts, kv_prefix, skip_layers, read_last = [0] * len(sites), False, False, False
-        sites = [[p._replace(start=0) for p in site] for site in sites]
+        sites = [[p._replace(start=0, row_starts=None) for p in site] for site in sites]
     names = {p.hook for site in sites for p in site} | set(collect or {})
     if read_last is None:
         read_last = all(_before_read_last(name, n_layers) for name in names)
@@ -355,7 +382,6 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     layer_of = [min([_hook_layer(p.hook) for p in site if p.start is not None] + [floor]) for site in sites]
     live = [i for i, s in enumerate(starts) if s is not None]
     values = torch.empty(len(sites), len(metrics), n)
-    per_forward = max(1, max_batch // n)
     with torch.inference_mode(), cache_keyword_fix(model), split_qkv_input(model, split_qkv):
         if kv_prefix is None:
             kv_prefix = bool(live) and max(starts[i] for i in live) > 0 and kv_cache_works(
@@ -384,23 +410,47 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
                 needed, read_last = [], False
         if not needed:
             layer_of = [0] * len(sites)
-        chunks = plan_chunks(live, [s or 0 for s in starts], layer_of, n, tokens.shape[1], n_layers, per_forward)
+        pairs_of = [_site_pairs(site, n) for site in sites]
+        rows_of = [n if p is None else len(p) for p in pairs_of]
+        chunks = plan_chunks(live, [s or 0 for s in starts], layer_of, rows_of, tokens.shape[1], n_layers,
+                             max(max_batch, n))
+        everyone = torch.arange(n, device=tokens.device)
         for chunk in tqdm(chunks, desc="patching", unit="forward", disable=not progress):
             offset = min(starts[i] for i in chunk) if kv_prefix else 0
             first = min(layer_of[i] for i in chunk)
+            spans, pairs, lo = [], [], 0
+            for i in chunk:
+                spans.append(slice(lo, lo + rows_of[i]))
+                pairs.append(everyone if pairs_of[i] is None else pairs_of[i].to(tokens.device))
+                lo += rows_of[i]
             entries = defaultdict(list)
-            for block, i in enumerate(chunk):
+            for i, span, rows in zip(chunk, spans, pairs):
                 for patch in sites[i]:
                     if patch.start is not None:
-                        entries[patch.hook].append((block, patch.setter))
+                        entries[patch.hook].append((span, None if pairs_of[i] is None else rows, patch.setter))
             hooks = [(name, partial(_stacked_hook, entries=e, n=n, offset=offset)) for name, e in entries.items()]
-            hooks += [(name, partial(_collect_hook, out=out, sites=chunk, n=n, offset=offset, pos=pos))
-                      for name, (pos, out) in (collect or {}).items()]
-            rows = torch.arange(n, device=tokens.device).repeat(len(chunk))
-            logits = _forward(model, state, rows, offset, first, hooks, read_last)
-            for block, i in enumerate(chunk):
-                values[i] = _evaluate(metrics, logits[block * n:(block + 1) * n], batch)
+            hooks += [(name, partial(_collect_hook, out=out, sites=chunk, spans=spans, pairs=pairs, offset=offset,
+                                     pos=pos)) for name, (pos, out) in (collect or {}).items()]
+            out_logits = _forward(model, state, torch.cat(pairs), offset, first, hooks, read_last)
+            for i, span, rows in zip(chunk, spans, pairs):
+                if pairs_of[i] is None:
+                    values[i] = _evaluate(metrics, out_logits[span], batch)
+                else:  # pairs the site leaves unchanged read the unpatched run (metrics read the last position)
+                    full = logits[:, -1:].clone()
+                    full[rows] = out_logits[span, -1:]
+                    values[i] = _evaluate(metrics, full, batch)
     return values
+
+
+def _site_pairs(site: Sequence[Patch], n: int) -> torch.Tensor | None:
+    """The pairs a site changes (None: all n, or unknown because a patch gives no ``row_starts``)."""
+    if any(p.row_starts is None for p in site if p.start is not None):
+        return None
+    changed = torch.zeros(n, dtype=torch.bool)
+    for p in site:
+        if p.start is not None:
+            changed |= (p.row_starts >= 0).cpu()
+    return None if bool(changed.all()) else torch.nonzero(changed)[:, 0]
 
 
 def _hook_layer(name: str) -> int:
