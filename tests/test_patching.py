@@ -15,6 +15,7 @@ import torch
 import transformer_lens.patching as tlp
 from tokenizers import pre_tokenizers
 
+from boxprobe.causal import engine
 from boxprobe.causal import patching as P
 from boxprobe.causal.path import path_patch
 from boxprobe.models.loading import ModelMismatchError, load_model
@@ -333,11 +334,11 @@ def test_plan_chunks_cover_each_site_once_within_a_layer():
     assert sorted(i for c in chunks for i in c) == live
     assert all((sum(rows[i] for i in c) <= 4 or len(c) == 1) and len({layer_of[i] for i in c}) == 1 for c in chunks)
     # Far-apart starts are not merged when the wasted positions cost more than a forward.
-    P_cost, P.FORWARD_COST = P.FORWARD_COST, 0
+    cost, engine.FORWARD_COST = engine.FORWARD_COST, 0
     try:
         alone = P.plan_chunks(live, [s or 0 for s in starts], layer_of, rows, 10, 2, 16)
     finally:
-        P.FORWARD_COST = P_cost
+        engine.FORWARD_COST = cost
     assert all(len({starts[i] for i in c}) == 1 for c in alone)
 
 
