@@ -10,14 +10,16 @@ discovery uses (Prakash et al.: another context at an unused label; built here w
 answered-correctly filter, since the default model is random). Both compute the logit difference for every
 (layer, position) patch of ``blocks.{l}.hook_resid_pre`` (clean into corrupt) on the same model, pairs
 and device, after a warm-up each: TransformerLens with ``get_act_patch_resid_pre`` (one forward per
-patch), boxprobe with ``patch_resid_pre`` (batched sites, no-op sites skipped, key-value prefix reuse;
-``--max-batch`` rows per forward). Each kind in ``--also`` gets an informative line first, and the
-``--kind`` run is also timed with ``shortcuts=False`` (batching alone). On a CPU the forwards are
-compute-bound, so batching alone gains little; the speed-up comes from the exact shortcuts: a site at
-position p runs only positions p.. on the target's cached prefix, and for query-box pairs, which
-differ only near the end, most sites are skipped. Random-query prompts come from different contexts
-and differ from their first description token on, so only the prefix before each site's position is
-saved (about half the work): expect a far smaller ratio there than for query-box pairs. The last line reads
+patch), boxprobe with ``patch_resid_pre`` (``--max-batch`` rows per forward). Each kind in ``--also``
+gets an informative line first, and the ``--kind`` run is also timed with ``shortcuts=False`` (batching
+alone). On a CPU the forwards are compute-bound, so batching alone gains little; the speed-up comes
+from the exact shortcuts of ``generic_patch``: no-op sites are skipped; a site at position p runs only
+positions p.. on the target's cached keys and values; a site at block L starts there from the target's
+residual stream without running the blocks below (``skip_blocks``); the last block's MLP and the
+unembedding run at the read position only; and sites are grouped into forwards by a cost estimate
+(``plan_chunks``). Query-box pairs differ only near the end, so most of their sites are skipped;
+random-query prompts come from different contexts and differ from their first description token on, so
+they rely on the layer and position skips. The last line reads
 ``ratio=<TransformerLens time / boxprobe time> max_abs_diff=<largest difference of the two results>``.
 """
 
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or random_toy_model(Path(tmp) / "toy")
         model = load_model(path, device=args.device)
-        print(f"model {path} on {model.cfg.device} ({torch.get_num_threads()} threads)", flush=True)
+        print(f"model {path} on {model.cfg.device} ({torch.get_num_threads()} threads); pairs of the last line: "
+              f"{args.kind}", flush=True)
         for kind in args.also:
             compare(model, kind, args)
         t_tl, t_ours, diff = compare(model, args.kind, args)

@@ -107,7 +107,7 @@ def _circuit(args: argparse.Namespace) -> int:
     donor = load_model(args.donor, **load.kwargs()) if args.donor else None
     cfg = CircuitStudyConfig(n_pairs=args.pairs, n_reference=args.reference_pairs, top_k=tuple(args.top_k),
                              variant=args.variant, minimality=not args.no_minimality, max_batch=args.batch_size,
-                             dcm_steps=args.dcm_steps)
+                             dcm_steps=args.dcm_steps, cmap_pairs=args.cmap_pairs)
     circuit = circuit_study(model, queries, args.out, cfg, donor=donor)
     for group, heads in circuit.groups.items():
         print(f"{group:22s} @ {circuit.positions[group]:14s} {' '.join(f'{l}.{h}' for l, h in heads)}")
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--dcm-steps", type=int, default=0,
                     help="also learn DCM head masks for the object-value and positional desiderata (steps; 0: off)")
     ci.add_argument("--donor", default=None, help="a fine-tuned model of the same family: CMAP into --model")
+    ci.add_argument("--cmap-pairs", type=_positive_int, default=100,
+                    help="with --donor: at most this many pairs --model answers wrongly, for CMAP (use data with "
+                         "enough contexts: one pair per context)")
     ci.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward pass")
     ci.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     _placement_args(ci)  # the donor loads the same way

@@ -12,7 +12,7 @@ import torch
 
 from boxprobe.causal import patching as P
 from boxprobe.causal.circuit import Circuit, CircuitConfig, discover_circuit
-from boxprobe.causal.cmap import cross_model_patch
+from boxprobe.causal.cmap import METRICS, cross_model_patch
 from boxprobe.causal.faithfulness import evaluate_circuit, evaluate_head_sets
 from boxprobe.causal.path import kv_head, path_patch
 from boxprobe.causal.stats import clustered_bootstrap
@@ -21,6 +21,7 @@ from boxprobe.data.pairs import build_pairs, collate_pairs
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from boxprobe.models.loading import BUNDLED_MODELS_DIR, ModelMismatchError, load_model
+from boxprobe.errors import ArgumentError
 from helpers import make_toy_checkpoint
 
 ATOL = 1e-5
@@ -79,6 +80,20 @@ def test_random_query_pairs_follow_prakash(toy_base):
         assert clean_ex.context != corrupt_ex.context
         label = corrupt_ex.statement_prefix.removesuffix(" contains")
         assert not re.search(rf"\b{label}\b", p.clean.prompt) and not re.search(rf"\b{label}\b", corrupt_ex.context)
+
+
+def test_wrong_only_pairs_are_the_ones_the_model_gets_wrong(toy_base):
+    cfg = TaskConfig(num_samples=40, num_operations=6, seed=7)
+    queries = prepare(toy_base, examples_of(cfg))
+    pairs, stats = build_pairs(toy_base, queries, limit=None, correct_only=False, wrong_only=True)
+    assert pairs and stats.rejected["correct"] > 0
+    batch = collate_pairs(pairs, toy_base.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        logits = toy_base(batch.clean_tokens, attention_mask=batch.attention_mask)[:, -1]
+    assert (logits.argmax(-1) != batch.clean_answer).all()
+    assert len({context_key(p.clean.examples[0]) for p in pairs}) == len(pairs)
+    with pytest.raises(ArgumentError, match="correct_only=False"):
+        build_pairs(toy_base, queries, wrong_only=True)
 
 
 def test_stratified_draws_numops_evenly_and_one_box_per_context():
@@ -310,7 +325,10 @@ def test_cmap_is_long_and_exact_for_the_same_model(tmp_path, toy3, batch3):
     acc = out[out["metric"] == "accuracy"]
     assert acc["ci_low"].between(0, 1).all() and acc["ci_high"].between(0, 1).all()
     per = cross_model_patch(toy3, same, batch3, {"g": [(2, 1)]}, per_pair=True, progress=False)
-    assert len(per) == 3 * 3 * len(batch3) and {"pair", "context"} <= set(per.columns)
+    assert len(per) == 3 * len(METRICS) * len(batch3) and {"pair", "context"} <= set(per.columns)
+    change = out[out["metric"] == "prob_change"].set_index("stage")["value"]
+    assert change["before"] == 0  # relative to the recipient's own unpatched probability
+    assert out[out["metric"] == "correct_prob"]["value"].between(0, 1).all()
     narrow = load_model(make_toy_checkpoint(tmp_path / "narrow", d_model=32), device="cpu")
     with pytest.raises(ModelMismatchError, match="d_model"):
         cross_model_patch(toy3, narrow, batch3, progress=False)
@@ -343,6 +361,25 @@ def test_circuit_command_writes_circuit_json(tmp_path):
     assert set(doc["evaluation"]["dcm"]) <= {"object-value", "positional"} and (tmp_path / "out" / "dcm.csv").exists()
     assert main(["circuit", "--model", str(BUNDLED_MODELS_DIR / "toy-base"), "--data", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "x")]) != 0
+
+
+def test_circuit_command_runs_cmap_on_pairs_the_recipient_gets_wrong(tmp_path):
+    import pandas as pd
+
+    from boxprobe.cli import main
+    from boxprobe.data.task import write_examples
+
+    data = tmp_path / "data.jsonl"
+    write_examples(data, examples_of(TaskConfig(num_samples=30, num_operations=6, seed=11)))
+    status = main(["circuit", "--model", str(BUNDLED_MODELS_DIR / "toy-base"), "--donor",
+                   str(BUNDLED_MODELS_DIR / "toy-code"), "--data", str(data), "--out", str(tmp_path / "out"),
+                   "--pairs", "6", "--reference-pairs", "3", "--top-k", "1", "1", "--no-minimality", "--threads", "1",
+                   "--cmap-pairs", "7"])
+    assert status == 0
+    cmap = pd.read_csv(tmp_path / "out" / "cmap.csv")
+    assert {"circuit", "random_heads"} <= set(cmap["group"]) and (cmap["n_pairs"] <= 7).all()
+    before = cmap[(cmap["stage"] == "before") & (cmap["metric"] == "accuracy")]["value"]
+    assert len(before) and (before == 0).all()  # only pairs the recipient gets wrong
 
 
 # -- DCM -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 import transformer_lens.patching as tlp
 from tokenizers import pre_tokenizers
 
+from boxprobe.causal import engine
 from boxprobe.causal import patching as P
 from boxprobe.causal.path import path_patch
 from boxprobe.models.loading import ModelMismatchError, load_model
@@ -245,6 +246,100 @@ def test_padded_batches_match_one_site_per_forward(model, padded_batch):
         assert row.value == pytest.approx(want, abs=ATOL)
     out = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", "query_box"], progress=False)
     assert list(out["position_role"]) == ["all", "query_box"] * model.cfg.n_layers
+
+
+@pytest.fixture(scope="module")
+def padded_random_query(model, examples):
+    """Random-query pairs (the default kind; contexts differ early) of three lengths: left-padded."""
+    pairs, _ = pairs_of(model, examples, "random-query", correct_only=False, limit=None)
+    by_length = {len(p.clean_ids): p for p in pairs}
+    batch = collate_pairs(list(by_length.values())[:3], model.tokenizer.pad_token_id)
+    assert batch.attention_mask is not None and len(set(batch.pad.tolist())) > 1
+    return batch
+
+
+def test_shortcuts_on_padded_random_query_pairs(model, padded_random_query, caplog, monkeypatch):
+    """Layer skip (from the target's residual, blocks below not run), position skip (key-value prefix) and
+    the last-position read, on a left-padded batch: equal to one forward per site and to no shortcuts."""
+    b = padded_random_query
+    calls, layer_class = Counter(), type(model.blocks[0].original_component)
+    computed = layer_class.forward  # what runs when a block is computed, not passed through
+
+    def counting(self, *args, **kwargs):
+        calls[self.self_attn.layer_idx] += 1
+        return computed(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", counting)
+    with caplog.at_level(logging.WARNING):
+        fast = P.patch_resid_pre(model, b, progress=False, kv_prefix=True, skip_layers=True, read_last=True)
+    monkeypatch.undo()
+    assert not [r for r in caplog.records if "shortcuts" in r.message]  # none was dropped as inexact
+    plain = P.patch_resid_pre(model, b, progress=False, shortcuts=False)
+    assert torch.allclose(values(fast, -1), values(plain, -1), atol=ATOL)
+    assert values(plain, -1).abs().max() > 0.5
+    for layer in range(model.cfg.n_layers):
+        for p in (int(b.pad.max()) + 1, b.n_pos - 2):
+            got = fast[(fast["layer"] == layer) & (fast["position_index"] == p)]["value"].item()
+            want = reference_patch(model, b, f"blocks.{layer}.hook_resid_pre", torch.full((len(b),), p))
+            assert got == pytest.approx(want, abs=ATOL)
+    # Sites at block 1 start there: block 0 runs only in the unpatched passes and for block-0 sites.
+    n_sites = [int(((fast["layer"] == l) & (fast["position_index"] >= 0)).sum()) for l in range(2)]
+    assert calls[0] < calls[1] and n_sites[0] > 0
+    # Some layer-0 sites change only some pairs (their tokens agree elsewhere): only those rows were run.
+    name = "blocks.0.hook_resid_pre"
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(b.clean_tokens, attention_mask=b.attention_mask, names_filter=[name])
+        _, corrupt = model.run_with_cache(b.corrupt_tokens, attention_mask=b.attention_mask, names_filter=[name])
+    differs = P.differences(clean[name], corrupt[name])
+    partial_sites = [p for p in range(b.n_pos) if P._site_pairs(
+        [P.copy_patch(name, clean[name], differs, torch.full((len(b),), p))], len(b)) is not None]
+    assert partial_sites and any(P.copy_patch(name, clean[name], differs, torch.full((len(b),), p)).start is not None
+                                 for p in partial_sites)
+    # A patch after the last block's MLP input turns the last-position read off by itself, and stays exact.
+    mlp = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", -1], progress=False)
+    mlp_plain = P.patch_layer_outputs(model, b, "mlp_out", positions=["all", -1], progress=False, shortcuts=False)
+    assert torch.allclose(values(mlp, -1), values(mlp_plain, -1), atol=ATOL)
+    assert no_hooks_left(model) and all("forward" not in blk.original_component.__dict__ for blk in model.blocks)
+
+
+def test_position_ids_follow_the_bridge(model, padded_random_query):
+    b = padded_random_query
+    ids = P.position_ids(b.attention_mask)
+    for i in range(len(b)):
+        pad = int(b.pad[i])
+        assert ids[i, pad:].tolist() == list(range(b.n_pos - pad))
+    with torch.inference_mode():
+        full = model(b.corrupt_tokens, attention_mask=b.attention_mask)
+        _, cache = model.run_with_cache(b.corrupt_tokens, attention_mask=b.attention_mask,
+                                        names_filter=["blocks.1.hook_resid_pre"])
+        with P.skip_blocks(model, 1):
+            resumed = model(cache["blocks.1.hook_resid_pre"], start_at_layer=1, attention_mask=b.attention_mask,
+                            position_ids=ids)
+    assert torch.allclose(resumed[:, -1], full[:, -1], atol=ATOL)
+
+
+def test_skipped_blocks_come_back_after_an_exception(model, padded_batch):
+    with pytest.raises(RuntimeError, match="boom"):
+        with P.skip_blocks(model, 2):
+            raise RuntimeError("boom")
+    assert all("forward" not in blk.original_component.__dict__ for blk in model.blocks)
+
+
+def test_plan_chunks_cover_each_site_once_within_a_layer():
+    starts = [None, 3, 9, 4, 8, 0, 7, 7, 2]
+    layer_of = [0, 0, 0, 1, 1, 1, 0, 1, 1]
+    live = [i for i, s in enumerate(starts) if s is not None]
+    rows = [2, 2, 2, 2, 1, 2, 2, 2, 5]
+    chunks = P.plan_chunks(live, [s or 0 for s in starts], layer_of, rows, n_pos=10, n_layers=2, max_rows=4)
+    assert sorted(i for c in chunks for i in c) == live
+    assert all((sum(rows[i] for i in c) <= 4 or len(c) == 1) and len({layer_of[i] for i in c}) == 1 for c in chunks)
+    # Far-apart starts are not merged when the wasted positions cost more than a forward.
+    cost, engine.FORWARD_COST = engine.FORWARD_COST, 0
+    try:
+        alone = P.plan_chunks(live, [s or 0 for s in starts], layer_of, rows, 10, 2, 16)
+    finally:
+        engine.FORWARD_COST = cost
+    assert all(len({starts[i] for i in c}) == 1 for c in alone)
 
 
 def test_generic_loop_with_a_row_patched_inside_the_cached_prefix(model, padded_batch):

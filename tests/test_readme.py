@@ -27,6 +27,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "runs" / "probes" / "probe_accuracy.csv").exists()
-    assert set(namespace["cmap"].metric) == {"accuracy", "logit_diff", "logprob"}
+    assert set(namespace["cmap"].metric) == {"accuracy", "correct_prob", "prob_change", "logit_diff", "logprob"}
     assert set(namespace["cmap"].stage) == {"before", "after", "donor"}
     assert namespace["result"].summary["n_by_numops"]

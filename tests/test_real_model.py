@@ -13,7 +13,7 @@ from boxprobe.activations.attention import AttentionConfig, attention_to_roles
 from boxprobe.activations.cache import CacheConfig, build_cache
 from boxprobe.behaviour.evaluate import EvalConfig, evaluate
 from boxprobe.causal.cmap import cross_model_patch
-from boxprobe.causal.patching import patch_heads
+from boxprobe.causal.patching import patch_heads, patch_resid_pre
 from boxprobe.data.pairs import build_pairs, collate_pairs, logit_diff
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
@@ -154,6 +154,23 @@ def test_patching_a_head_equals_a_hand_written_hook(smollm2, queries):
         logits = smollm2.run_with_hooks(batch.corrupt_tokens, fwd_hooks=[(name, put)])
     want = float(logits[0, -1, batch.clean_answer[0]] - logits[0, -1, batch.corrupt_answer[0]])
     assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_patching_shortcuts_are_exact_on_padded_pairs(smollm2, examples, caplog):
+    """Layer skip, key-value prefix, skipped pairs and the last-position read under grouped-query attention
+    and left padding: equal to running every site over every block and position."""
+    several = prepare(smollm2, examples, resolve_spec(smollm2))  # six contexts, of different lengths
+    pairs, _ = build_pairs(smollm2, several, "query-box", limit=None)
+    by_length = {len(p.clean_ids): p for p in pairs}
+    assert len(by_length) >= 2, "need pairs of two lengths for a padded batch"
+    batch = collate_pairs(list(by_length.values())[:2], smollm2.tokenizer.pad_token_id)
+    kw = dict(layers=[3, 29], positions=["query_box", -1], metric=logit_diff, progress=False)
+    with caplog.at_level("WARNING"):
+        fast = patch_resid_pre(smollm2, batch, **kw)
+    assert not [r for r in caplog.records if "shortcuts" in r.message]  # none was dropped as inexact
+    plain = patch_resid_pre(smollm2, batch, shortcuts=False, **kw)
+    np.testing.assert_allclose(fast["value"], plain["value"], atol=1e-3)
+    assert np.abs(plain["value"]).max() > 0.1
 
 
 def test_cross_model_patch_from_itself_changes_nothing(smollm2, queries):

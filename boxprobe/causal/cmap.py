@@ -5,6 +5,10 @@ heads in the recipient receive the donor's outputs at that group's position; the
 and metric are compared before and after. Use it on pairs the recipient gets WRONG (otherwise accuracy
 starts at its ceiling): :func:`wrong_pairs` selects them.
 
+Metrics: ``accuracy`` (argmax at the answer position is the correct object), ``correct_prob`` (its
+softmax probability), ``prob_change`` (Prakash et al.'s (p - p_clean) / p_clean with p_clean the
+RECIPIENT's unpatched probability, so 0 "before" by construction), ``logit_diff`` and ``logprob``.
+
 The output is long: one row per group x metric x stage ("before": the recipient unpatched, "after":
 patched, "donor": the donor's own run), with the mean over pairs and an interval clustered by context;
 ``per_pair=True`` gives one row per pair instead.
@@ -12,6 +16,7 @@ patched, "donor": the donor's own run), with the mean over pairs and an interval
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Mapping
 
 import numpy as np
@@ -20,7 +25,7 @@ import torch
 
 from boxprobe.causal.patching import (Heads, PairBatch, Positions, _evaluate, _group_patches, _heads,
                                       _position_sites, _run, _z, answer_accuracy, copy_patch, differences,
-                                      generic_patch, logit_diff)
+                                      generic_patch, logit_diff, prob_change)
 from boxprobe.causal.stats import summarise
 from boxprobe.models.loading import check_same_family
 
@@ -30,7 +35,13 @@ def correct_object_logprob(logits, batch: PairBatch) -> torch.Tensor:
     return logits[:, -1].float().log_softmax(-1).gather(1, batch.clean_answer[:, None])[:, 0]
 
 
-METRICS = {"accuracy": answer_accuracy, "logit_diff": logit_diff, "logprob": correct_object_logprob}
+def correct_prob(logits, batch: PairBatch) -> torch.Tensor:
+    """Softmax probability of the clean (correct) answer token at the last position."""
+    return logits[:, -1].float().softmax(-1).gather(1, batch.clean_answer[:, None])[:, 0]
+
+
+METRICS = {"accuracy": answer_accuracy, "correct_prob": correct_prob, "prob_change": prob_change,
+           "logit_diff": logit_diff, "logprob": correct_object_logprob}
 
 
 def wrong_pairs(model, batch: PairBatch) -> PairBatch:
@@ -61,7 +72,8 @@ def cross_model_patch(recipient, donor, batch: PairBatch, groups: Mapping[str, H
     with torch.inference_mode():
         donor_logits, source = _run(donor, batch.clean_tokens, batch.attention_mask, names)
         source = {n: a.to(recipient.cfg.device, recipient.cfg.dtype) for n, a in source.items()}
-        _, target = _run(recipient, batch.clean_tokens, batch.attention_mask, names)
+        recipient_logits, target = _run(recipient, batch.clean_tokens, batch.attention_mask, names)
+        batch = replace(batch, clean_prob=correct_prob(recipient_logits, batch))  # prob_change's reference
         differs = {n: differences(source[n], target[n]) for n in names}
     spec = (lambda g: positions.get(g, "all")) if isinstance(positions, Mapping) else (lambda g: positions)  # noqa: E731
     sites, labels = [], []

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from boxprobe.causal.circuit import Circuit, CircuitConfig, discover_circuit
@@ -128,8 +129,12 @@ def dcm_study(model, queries: QuerySet, circuit: Circuit, out_dir: str | Path, c
 
 def cmap_study(recipient, donor, queries: QuerySet, circuit: Circuit, out_dir: str | Path,
                cfg: CircuitStudyConfig = CircuitStudyConfig()) -> pd.DataFrame:
-    """CMAP per circuit group, donor -> recipient, on random-query pairs the recipient gets wrong -> ``cmap.csv``."""
-    pairs, _ = build_pairs(recipient, queries, "random-query", seed=cfg.seed + 1, limit=None, correct_only=False)
+    """CMAP per circuit group, donor -> recipient, on random-query pairs the recipient gets wrong -> ``cmap.csv``.
+
+    Beside the groups and the whole ``circuit`` (all positions), ``random_heads`` patches as many heads
+    drawn (seeded) from outside the circuit, at all positions: the gain any heads of that number give."""
+    pairs, _ = build_pairs(recipient, queries, "random-query", seed=cfg.seed + 1, limit=None, correct_only=False,
+                           wrong_only=True)
     if not pairs:
         raise DataError("No pairs for CMAP.")
     batch = wrong_pairs(recipient, collate_pairs(pairs, recipient.tokenizer.pad_token_id, recipient.cfg.device))
@@ -141,6 +146,11 @@ def cmap_study(recipient, donor, queries: QuerySet, circuit: Circuit, out_dir: s
     groups["circuit"] = circuit.heads
     positions = dict(circuit.positions)
     positions["circuit"] = "all"
+    inside = {tuple(h) for h in circuit.heads}
+    outside = [(l, h) for l in range(recipient.cfg.n_layers) for h in range(recipient.cfg.n_heads) if (l, h) not in inside]
+    pick = np.random.default_rng(cfg.seed).choice(len(outside), size=min(len(inside), len(outside)), replace=False)
+    groups["random_heads"] = [outside[int(i)] for i in sorted(pick)]
+    positions["random_heads"] = "all"
     frame = cross_model_patch(recipient, donor, batch, groups, positions=positions, max_batch=cfg.max_batch,
                               progress=False)
     frame.to_csv(Path(out_dir) / "cmap.csv", index=False)

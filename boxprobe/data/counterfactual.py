@@ -35,7 +35,7 @@ import torch
 from boxprobe.data.positions import LABEL_RE, PositionError
 from boxprobe.data.queries import QuerySet, prepare
 from boxprobe.data.task import ALT_BOX_NAMES, Example
-from boxprobe.errors import DataError
+from boxprobe.errors import ArgumentError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,15 @@ def corrupt_candidates(model, pool: Sequence[Example], spec, rng: np.random.Gene
 
 def build_random_query_pairs(model, queries: QuerySet, *, seed: int = 0, limit: int | None = 100,
                              per_context: int = 1, correct_only: bool = True, pool: Sequence[Example] | None = None,
-                             max_tries: int = 20, batch_size: int = 32):
-    """Prakash-style pairs (module docstring): returns (pairs, PairStats) as :func:`pairs.build_pairs`."""
+                             max_tries: int = 20, batch_size: int = 32, wrong_only: bool = False):
+    """Prakash-style pairs (module docstring): returns (pairs, PairStats) as :func:`pairs.build_pairs`.
+
+    ``wrong_only`` (with ``correct_only=False``) keeps instead the boxes the model answers WRONGLY, checking
+    every non-empty box of a context rather than a few (for CMAP, which repairs the recipient's errors)."""
     from boxprobe.data.pairs import Pair, PairStats  # pairs imports this module lazily
+
+    if wrong_only and correct_only:
+        raise ArgumentError("wrong_only keeps the pairs the model gets wrong; pass correct_only=False with it.")
 
     rng = np.random.default_rng(seed)
     stats = PairStats("random-query")
@@ -167,12 +173,16 @@ def build_random_query_pairs(model, queries: QuerySet, *, seed: int = 0, limit: 
     # Only a few boxes per context can be kept, so only a few are checked (one forward each).
     ctx = [context_key(queries.items[i].query.examples[0]) for i in candidates["item"]]
     candidates = candidates.assign(context=ctx).iloc[rng.permutation(len(candidates))]
-    checked = candidates.groupby("context", sort=False).head(3 * per_context).drop(columns="context").sort_values("item")
+    checked = candidates.groupby("context", sort=False).head(len(candidates) if wrong_only else 3 * per_context)
+    checked = checked.drop(columns="context").sort_values("item")
     stats.rejected["not_checked"] = len(candidates) - len(checked)
     answers = correct_answers(model, queries, batch_size, checked)
     if correct_only:
         stats.rejected["wrong"] = int((~answers["correct"]).sum())
         answers = answers[answers["correct"]]
+    if wrong_only:
+        stats.rejected["correct"] = int(answers["correct"].sum())
+        answers = answers[~answers["correct"]]
     chosen = stratified(answers, None, per_context, rng)
     pool = list(pool) if pool is not None else [it.query.examples[0] for it in queries.items]
     corrupt, buckets = corrupt_candidates(model, pool, queries.spec, rng)

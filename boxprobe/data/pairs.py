@@ -249,7 +249,7 @@ def build_pairs(model, queries: QuerySet, kind: str = DEFAULT_KIND, *, seed: int
     corrupt prompts are rendered with its spec and tokenised as ``prepare`` does. Candidates (other
     boxes, labels, objects, clause orders) are tried in a seeded random order; the first that gives an
     equal-length pair with different answer tokens is kept. ``limit`` stops after that many pairs.
-    ``random_query``: per_context, correct_only, pool, batch_size of
+    ``random_query``: per_context, correct_only, wrong_only, pool, batch_size of
     :func:`boxprobe.data.counterfactual.build_random_query_pairs` (random-query pairs only).
     """
     check_choice("pair kind", kind, PAIR_KINDS)
