@@ -307,11 +307,12 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
         q *= gamma[:, None]
         for j, a in zip(reversed(slots), reversed(alphas)):
             q.addcmul_((a - rho[j] * torch.linalg.vecdot(Yh[j], q))[:, None], S[j])
-        d = torch.where(active[:, None], -q, 0)
-        gd = (g * d).sum(1)
+        d = q.neg_() if bool(active.all()) else torch.where(active[:, None], -q, 0)
+        gd = torch.linalg.vecdot(g, d)
         uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
-        d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
-        gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
+        if bool(uphill.any()):
+            d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
+            gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
         # Logits are linear in theta, so one matmul gives them along the whole ray x + t d: line-search trials
         # cost elementwise work only, and each iteration two matmuls (this one and the new gradient).
         lg_d = objective.logits(d)
@@ -327,17 +328,18 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
             if ok.all():
                 break
             t = torch.where(ok, t, 0.5 * t)
-        t = torch.where(ok, t, 0)  # no decrease found (precision floor): the problem stops where it is
-        x_new = x + t[:, None] * d
+        if not ok.all():  # no decrease found (precision floor): the problem stops where it is
+            t = torch.where(ok, t, 0)
+            x_new = x + t[:, None] * d
         if not ok.all() or it % REFRESH_EVERY == REFRESH_EVERY - 1:  # also undo the drift of updated logits
             lg_new = objective.logits(x_new)
             f_new, G = objective.loss(lg_new, x_new)
         g_new = objective.grad(G, x_new)
-        s, y = x_new - x, g_new - g
-        sy, yy = (s * y).sum(1), (y * y).sum(1)
-        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
         slot = it % history
-        S[slot], Yh[slot], rho[slot] = s, y, torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
+        s, y = torch.sub(x_new, x, out=S[slot]), torch.sub(g_new, g, out=Yh[slot])
+        sy, yy = torch.linalg.vecdot(s, y), torch.linalg.vecdot(y, y)
+        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
+        rho[slot] = torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
         gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
         x, f, g, lg = x_new, f_new, g_new, lg_new
         n_iter[ids] += active.long()
