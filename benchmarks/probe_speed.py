@@ -324,9 +324,10 @@ def main() -> None:
         # Warm both up once (imports, allocator, LAPACK, thread pools) on a small slice, untimed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            LogisticRegression().fit(X[train[:200], 0], np.arange(200) % 2)
+            warm = train[:200]
+            LogisticRegression().fit(X[warm, 0], np.arange(len(warm)) % 2)
         LayerwiseLogisticProbe(device=args.device, precondition=args.precondition).fit(
-            X[train[:200], :1], np.arange(200) % 2)
+            X[warm, :1], np.arange(len(warm)) % 2)
         t_sk, (models, n_unconverged) = best_time(fit_sklearn, args.repeats)
         t_ours, _ = best_time(fit_ours, args.repeats)
 
