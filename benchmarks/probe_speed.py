@@ -19,6 +19,14 @@ multinomial probe over the object vocabulary whose argmax is restricted to the o
 mentions (:func:`boxprobe.probing.targets.object_target`), against one sklearn multinomial
 ``LogisticRegression`` per layer with the same candidate-restricted argmax.
 
+Any other target of :data:`boxprobe.probing.targets.TARGETS` (``--label empty``, ``kth_object``, ``prior_1``,
+``mention``, ``global_state``; not ``incremental``, whose labels need the description texts) is read the way
+:class:`boxprobe.probing.experiment.ProbeExperiment` reads it (its role, rows, labels and counted cells from
+``build_target``): class targets as above (candidate-restricted where candidates are given), multi-label
+targets as the contents probe below, and ``global_state`` as one softmax per object over the items that count
+it, ours one ``LayerwiseLogisticProbe`` per object (all layers at once, as the experiment fits it), sklearn one
+per (layer, object).
+
 ``--label gold`` (the default; any column of object lists works) benchmarks the queried-box contents probe,
 the library's main one: a multi-label probe with one binary output per object, counted only where the object
 is mentioned (``LayerwiseMultiLabelProbe``, balanced class weights), against sklearn fitted per layer *and*
@@ -34,6 +42,7 @@ Last line: ``ratio=<sklearn time / our time> accuracy_gap=<max over layers of |t
     .venv/bin/python benchmarks/probe_speed.py [--n-items 3000 --n-layers 5 --d-model 128 --n-classes 8]
     .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base [--per-numops 12] [--label gold]
     .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label first_object --per-numops 24
+    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label global_state
     .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label query_box
 """
 
@@ -46,6 +55,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.special import logsumexp
 from sklearn.base import clone
@@ -56,6 +66,7 @@ from threadpoolctl import threadpool_limits
 
 from boxprobe.probing.metrics import split_by_group
 from boxprobe.probing.probes import LayerwiseLogisticProbe, LayerwiseMultiLabelProbe
+from boxprobe.probing.targets import TARGET_ROLE, TARGETS
 
 
 def synthetic_cache(n_items: int, n_layers: int, d_model: int, n_classes: int, seed: int, isotropic: bool = False):
@@ -86,14 +97,15 @@ def load_features(path: Path):
 
 
 def load_cache(directory: Path, hook: str, role: str, label: str):
-    """(X, y, groups, mask): y [n] for a scalar column; for a column of object lists, y [n, n_objects] in/out
-    with mask [n, n_objects] = the object is mentioned in the context (the contents probe's counted cells)."""
+    """(X, y, groups, mask, kind): a probe target's (:func:`load_target`), or a metadata column's: y [n] for a
+    scalar column (mask None); for a column of object lists, y [n, n_objects] in/out with mask [n, n_objects] =
+    the object is mentioned in the context (the contents probe's counted cells)."""
     from boxprobe.activations.cache import open_cache  # only needed for real caches
     from boxprobe.probing.metrics import contents_labels, mentioned_mask
 
     cache = open_cache(directory)
-    if label == "first_object":
-        return load_first_object(cache, hook)
+    if label in TARGETS:
+        return load_target(cache, hook, label)
     meta = cache.metadata(role)
     if label not in meta:
         raise SystemExit(f"--label {label!r} is not a metadata column of {directory}; columns: {', '.join(meta)}")
@@ -102,20 +114,29 @@ def load_cache(directory: Path, hook: str, role: str, label: str):
     meta = meta[keep]
     groups = meta["sample_id"].to_numpy() if "sample_id" in meta else None
     if meta[label].map(np.isscalar).all():
-        return X, meta[label].to_numpy().astype(str), groups, None
+        return X, meta[label].to_numpy().astype(str), groups, None, "class"
     vocab = sorted({obj for objects in meta["mentioned"] for obj in objects})
-    return X, contents_labels(meta[label], vocab), groups, mentioned_mask(meta["mentioned"], vocab)
+    return X, contents_labels(meta[label], vocab), groups, mentioned_mask(meta["mentioned"], vocab), "multilabel"
 
 
-def load_first_object(cache, hook: str):
-    """(X, y, groups, candidates) of the ``first_object`` target: y the vocabulary index of the first answer
-    object, candidates [n, n_objects] the objects the description mentions."""
+def load_target(cache, hook: str, name: str):
+    """(X, y, groups, mask) of the experiment's target ``name`` (:mod:`boxprobe.probing.targets`) on a cache that
+    holds its role(s): class targets give y [n] class indices and mask [n, C] candidates; multi-label targets
+    y / mask [n, V] (cells that count); per-object softmaxes (``global_state``) y [n, V] the class of each
+    object (box or none), mask [n, V] the objects counted."""
     from boxprobe.data.task import load_vocabulary
-    from boxprobe.probing.targets import TARGET_ROLE, object_target
+    from boxprobe.probing.targets import TARGET_ROLE, build_target
 
-    role = TARGET_ROLE["first_object"]
-    t = object_target(cache.metadata(role).reset_index(drop=True), load_vocabulary("objects"), "first")
-    return cache.activations(hook, role).float().numpy()[t.rows], t.y, t.groups, t.mask
+    roles = TARGET_ROLE[name] if isinstance(TARGET_ROLE[name], tuple) else (TARGET_ROLE[name],)
+    meta = {r: cache.metadata(r).reset_index(drop=True) for r in roles}
+    if name == "incremental":
+        raise SystemExit("--label incremental needs the description texts, which a cache does not keep.")
+    # global_state keeps one item per description; a state (sample_id, num_operations) names it.
+    by_query = pd.concat(meta.values()).drop_duplicates("query_index").set_index("query_index")
+    contexts = {q: f"{r.sample_id}/{r.num_operations}" for q, r in by_query.iterrows()}
+    t, role = build_target(name, meta, contexts, load_vocabulary("objects"))
+    X = np.concatenate([cache.activations(hook, r).float().numpy() for r in roles])[t.rows]
+    return X, t.y, t.groups, t.mask, t.kind
 
 
 def restricted_argmax(logits: np.ndarray, classes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -125,8 +146,9 @@ def restricted_argmax(logits: np.ndarray, classes: np.ndarray, candidates: np.nd
     return classes[np.where(allowed, logits, -np.inf).argmax(-1)]
 
 
-def cache_model(model_path: str, per_numops: int, seed: int, directory: Path, role: str = "query_last") -> Path:
-    """Cache resid_post at ``role`` of a checkpoint on a fresh test subsample; returns the cache directory."""
+def cache_model(model_path: str, per_numops: int, seed: int, directory: Path, role="query_last") -> Path:
+    """Cache resid_post at ``role`` (or a tuple of roles) of a checkpoint on a fresh test subsample; returns the
+    cache directory."""
     from boxprobe.activations.cache import CacheConfig, build_cache, file_sha256
     from boxprobe.data.queries import prepare
     from boxprobe.models.loading import load_model
@@ -135,7 +157,7 @@ def cache_model(model_path: str, per_numops: int, seed: int, directory: Path, ro
     data = generate_dataset(TaskConfig(seed=seed), directory / "data", subsample_per_numops=per_numops)
     model = load_model(model_path)
     queries = prepare(model, read_examples(data["test-subsample"]))
-    cfg = CacheConfig(batch_size=32, roles=(role,))
+    cfg = CacheConfig(batch_size=32, roles=role if isinstance(role, tuple) else (role,))
     build_cache(model, queries, directory / "cache", cfg, data_hash=file_sha256(data["test-subsample"]))
     return directory / "cache"
 
@@ -159,6 +181,38 @@ def best_time(fn, repeats: int):
         out = fn()
         times.append(time.perf_counter() - start)
     return min(times), out
+
+
+class PerObjectSoftmax:
+    """The experiment's per-object softmax probe (``global_state``; :class:`boxprobe.probing.baselines.
+    FittedProbe`): one :class:`LayerwiseLogisticProbe` (all layers at once) per object, on the items that count
+    it; an object with one class in training predicts that class (as sklearn's side does)."""
+
+    def __init__(self, **params):
+        self.params = params
+
+    def tight(self) -> "PerObjectSoftmax":
+        return PerObjectSoftmax(**{**self.params, "dtype": "float64", "tol": 1e-8, "max_iter": 20000})
+
+    def fit(self, X, Y, M):
+        self.models, self.constant = {}, {}
+        for o in range(Y.shape[1]):
+            items = np.flatnonzero(M[:, o])
+            classes = np.unique(Y[items, o])
+            if len(classes) >= 2:
+                self.models[o] = LayerwiseLogisticProbe(**self.params).fit(X[items], Y[items, o])
+            elif len(classes) == 1:
+                self.constant[o] = classes[0]
+        self.n_iter_ = np.max([m.n_iter_ for m in self.models.values()], 0)
+        return self
+
+    def predict(self, X):
+        out = np.full((len(X), X.shape[1], max([*self.models, *self.constant]) + 1), -1)
+        for o, value in self.constant.items():
+            out[:, :, o] = value
+        for o, model in self.models.items():
+            out[:, :, o] = model.predict(X)
+        return out
 
 
 class _Constant:
@@ -203,16 +257,19 @@ def main() -> None:
 
     torch.set_num_threads(1)
     groups = mask = None
+    kind = "class"
     if args.model is not None:
         scratch = tempfile.TemporaryDirectory()
-        role = "answer_prefix" if args.label == "first_object" else args.role
+        role = TARGET_ROLE[args.label] if args.label in TARGETS else args.role
         args.cache = cache_model(args.model, args.per_numops, args.seed, Path(scratch.name), role)
     candidates = None
     if args.cache is not None:
-        X, y, groups, mask = load_cache(args.cache, args.hook, args.role, args.label)
-        if args.label == "first_object":
-            candidates, mask = mask, None
-            args.role = "answer_prefix (k=0)"
+        X, y, groups, mask, kind = load_cache(args.cache, args.hook, args.role, args.label)
+        if kind == "class" and mask is not None:
+            # Candidates only restrict an argmax (fitting is over every class, on both sides).
+            candidates, mask = (None if mask.all() else mask), None
+        if args.label in TARGETS:
+            args.role = " + ".join(TARGET_ROLE[args.label]) if kind == "blocks" else TARGET_ROLE[args.label]
         source = f"{args.model or args.cache} ({args.hook} at {args.role} -> {args.label})"
     elif args.features is not None:
         X, y = load_features(args.features)
@@ -225,21 +282,28 @@ def main() -> None:
     else:
         order = np.random.default_rng(args.seed).permutation(len(y))
         train, test = order[: int(len(y) * 2 / 3)], order[int(len(y) * 2 / 3):]
-    multilabel = mask is not None
+    multilabel = mask is not None  # one problem per (layer, object): binary (multi-label) or a softmax (blocks)
+    blocks = kind == "blocks"
     n_layers = X.shape[1]
-    # One sklearn problem per layer (multi-class) or per (layer, object) on its mentioned items (multi-label).
+    # One sklearn problem per layer (multi-class) or per (layer, object) on its counted items (multi-label).
     outputs = range(y.shape[1]) if multilabel else [None]
     cells = {o: (train[mask[train, o]], test[mask[test, o]]) if multilabel else (train, test) for o in outputs}
     targets = {o: y[:, o].astype(int) if multilabel else y for o in outputs}
-    class_weight = "balanced" if multilabel else None
-    what = f"{y.shape[1]} objects (multi-label, mentioned cells)" if multilabel else f"{len(np.unique(y))} classes"
+    class_weight = "balanced" if multilabel and not blocks else None
+    what = f"{y.shape[1]} objects (multi-label, counted cells)" if multilabel else f"{len(np.unique(y))} classes"
+    if blocks:
+        what = f"{y.shape[1]} objects x {int(y.max()) + 1} classes (one softmax per object, counted objects)"
     if candidates is not None:
         what += f" ({len(np.unique(y[train]))} in train), argmax among the mentioned objects"
     print(f"features: {source}, X {X.shape}, {what}, train {len(train)}, test {len(test)}")
     print(f"settings: C={args.C}, tol={args.tol}, max_iter={args.max_iter}, lbfgs, class_weight={class_weight}; "
           f"single-threaded: torch.set_num_threads(1), sklearn BLAS/OpenMP limited to 1 thread")
 
-    if multilabel:
+    if blocks:
+        ours = PerObjectSoftmax(C=args.C, tol=args.tol, max_iter=args.max_iter, device=args.device,
+                                precondition=args.precondition)
+        fit_ours = lambda: ours.fit(X[train], y[train], mask[train])  # noqa: E731
+    elif multilabel:
         ours = LayerwiseMultiLabelProbe(C=args.C, tol=args.tol, max_iter=args.max_iter, device=args.device,
                                         precondition=args.precondition, class_weight=class_weight)
         fit_ours = lambda: ours.fit(X[train], y[train], mask[train])  # noqa: E731
@@ -260,15 +324,16 @@ def main() -> None:
         # Warm both up once (imports, allocator, LAPACK, thread pools) on a small slice, untimed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            LogisticRegression().fit(X[train[:200], 0], np.arange(200) % 2)
+            warm = train[:200]
+            LogisticRegression().fit(X[warm, 0], np.arange(len(warm)) % 2)
         LayerwiseLogisticProbe(device=args.device, precondition=args.precondition).fit(
-            X[train[:200], :1], np.arange(200) % 2)
+            X[warm, :1], np.arange(len(warm)) % 2)
         t_sk, (models, n_unconverged) = best_time(fit_sklearn, args.repeats)
         t_ours, _ = best_time(fit_ours, args.repeats)
 
     # Where sklearn stops short (max_iter, or its line search giving up) the two can differ by more than the
     # tolerance; a tight float64 fit (untimed) shows which side is nearer the optimum both are after.
-    optimum = clone(ours).set_params(dtype="float64", tol=1e-8, max_iter=20000)
+    optimum = ours.tight() if blocks else clone(ours).set_params(dtype="float64", tol=1e-8, max_iter=20000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimum.fit(X[train], y[train], mask[train]) if multilabel else optimum.fit(X[train], y[train])
@@ -299,6 +364,12 @@ def main() -> None:
                 sw = compute_sample_weight(class_weight, y_idx) if class_weight else None
                 objectives["sklearn"] += objective(m.coef_, m.intercept_, X[tr, layer], y_idx, args.C, sw)
                 for name, (probe, _) in probes.items():
+                    if blocks:
+                        if o in probe.models:
+                            p = probe.models[o]
+                            objectives[name] += objective(p.coef_[layer], p.intercept_[layer], X[tr, layer], y_idx,
+                                                          args.C)
+                        continue
                     k = slice(o, o + 1) if multilabel else slice(None)
                     objectives[name] += objective(probe.coef_[layer, k], probe.intercept_[layer, k], X[tr, layer],
                                                   y_idx, args.C, sw)

@@ -5,7 +5,7 @@ import pandas as pd
 
 from boxprobe.probing.baselines import (cluster_bootstrap, initial_prediction, majority_prediction, metric_parts,
                                         permuted_labels, score_rows)
-from boxprobe.probing.targets import empty_target, incremental_target, object_target, prior_target
+from boxprobe.probing.targets import empty_target, incremental_target, mention_target, object_target, prior_target
 
 VOCAB = ["apple", "bell", "cup", "drum"]
 
@@ -43,6 +43,27 @@ def test_prior_target_counts_only_changed_boxes():
     t = prior_target(meta, VOCAB, 1)
     assert t.rows.tolist() == [0, 1] and t.scored.tolist() == [True, False]
     assert t.y[0].tolist() == [True, False, False, False] and t.mask[0].tolist() == [True, True, True, False]
+
+
+def test_mention_target_by_hand():
+    # "Box 0 contains the apple, Box 1 contains nothing. Put the bell into Box 1. Remove the apple from Box 0."
+    # queried about Box 1: the drum is never mentioned; the apple is mentioned, though no box holds it any more.
+    state = {"initial_state": [["apple"], []], "mentioned": ["apple", "bell"], "numops": 1}
+    meta = _meta([{**state, "gold": ["bell"], "object": "bell", "k": 0, "box": 1},
+                  {**state, "gold": ["bell", "cup"], "object": "cup", "k": 1, "box": 1},  # not the first " the"
+                  {"gold": ["cup"], "object": "cup", "k": 0, "sample_id": 1, "initial_state": [["cup"], ["drum"]],
+                   "mentioned": ["cup", "drum"]}])
+    t = mention_target(meta, VOCAB)
+    assert t.rows.tolist() == [0, 2] and t.groups.tolist() == [0, 1]
+    assert t.y.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert t.mask.all()  # every object's cell counts, mentioned or not (Tang: accuracy over all objects)
+    # The first sentence names the apple only: the bell, brought in by an operation, is what the heuristic misses.
+    assert t.initial.tolist() == [[True, False, False, False], [False, False, True, True]]
+    assert majority_prediction(t, t).tolist() == [[False] * 4] * 2  # no object is mentioned in most items
+    rows = score_rows(initial_prediction(t, t), t, np.arange(2), n_layers=1, n_boot=20, seed=0, kind="initial_state")
+    acc = rows[(rows.metric == "accuracy") & (rows.subset == "all")].value.iloc[0]
+    assert acc == 7 / 8  # one cell of eight wrong: the bell
+    assert rows[rows.subset == "differs_from_initial"].n.iloc[0] == 1
 
 
 def test_incremental_counts_objects_mentioned_so_far():

@@ -16,6 +16,7 @@ coefficients and intercepts.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import NamedTuple, Sequence
 
@@ -320,9 +321,10 @@ def select_C(
     Cs = check_Cs(Cs)
     fit_kw = {} if mask_train is None else {"mask": mask_train}
     score_kw = {} if mask_val is None else {"mask": mask_val}
-    rows = []
+    rows, fits = [], {}
     for C in Cs:
-        val = clone(base).set_params(C=C, l2=None).fit(X_train, y_train, **fit_kw).score(X_val, y_val, **score_kw)
+        fits[C] = clone(base).set_params(C=C, l2=None).fit(X_train, y_train, **fit_kw)
+        val = fits[C].score(X_val, y_val, **score_kw)
         rows += [{"C": C, "layer": layer, "val_score": s} for layer, s in enumerate(val)]
     scores = pd.DataFrame(rows)
     table = scores.pivot(index="C", columns="layer", values="val_score").loc[Cs]  # [n_Cs, n_layers]
@@ -330,5 +332,14 @@ def select_C(
         best = np.asarray(Cs)[table.to_numpy().argmax(0)]
     else:
         best = np.full(table.shape[1], Cs[int(table.to_numpy().mean(1).argmax())])
-    fitted = clone(base).set_params(C=best, l2=None).fit(X_train, y_train, **fit_kw)
-    return SelectedC(best, scores, fitted)
+    return SelectedC(best, scores, _assemble(fits, best))
+
+
+def _assemble(fits: dict, best: np.ndarray) -> _LayerwiseBase:
+    """The estimator with each layer's C ``best[layer]``, taken from the grid's fits: layers are independent
+    problems on the same training items, so refitting with the per-layer C vector would solve them again."""
+    out = copy.deepcopy(fits[best[0]]).set_params(C=np.asarray(best, float), l2=None)
+    for layer, C in enumerate(best):
+        for name in ("coef_", "intercept_", "n_iter_"):
+            getattr(out, name)[layer] = getattr(fits[C], name)[layer]
+    return out

@@ -114,6 +114,11 @@ class _Objective:
         n = self.weights.shape[1]
         return cells, cells // n, self.weights.flatten()[cells], self.targets.flatten()[cells]
 
+    @functools.cached_property
+    def labels(self) -> torch.Tensor:
+        """Class index [1, 1, n] of each item (softmax batches: the one-hot targets' argmax)."""
+        return self.targets.argmax(0)[None, None, :]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.R.shape[0], self.targets.shape[0], self.R.shape[2]
@@ -164,9 +169,15 @@ class _Objective:
         # The hot loop: few passes over [L, K, n]. Each item's loss is formed before weighting: summing the
         # softplus and target terms apart cancels catastrophically in float32.
         if self.softmax:
-            item_loss = torch.logsumexp(logits, 1) - torch.einsum("lkn,kn->ln", logits, T)  # [L, n]
+            # One exp pass gives both the log-sum-exp and the softmax; the target logit is gathered, not a
+            # product with the one-hot targets (softmax and logsumexp over a non-last dim are slow on CPU).
+            label = self.labels.expand(L, 1, -1)
+            top = logits.amax(1, keepdim=True)
+            G = (logits - top).exp_()
+            total = G.sum(1, keepdim=True)
+            item_loss = (total.log().add_(top).sub_(logits.gather(1, label)))[:, 0]  # [L, n]
             loss = (item_loss @ w[0])[:, None]  # [L, 1]
-            G = torch.softmax(logits, 1).sub_(T).mul_(w)
+            G.mul_(w / total).scatter_add_(1, label, -w.expand(L, 1, -1))
         elif self.counted_cells is not None:  # softplus only where the weight is non-zero
             cells, output, w_cells, T_cells = self.counted_cells
             lg = logits.view(L, -1)[:, cells]  # [L, n_cells]
@@ -214,10 +225,18 @@ class _Objective:
         W = W @ self.U.transpose(1, 2) if self.U is not None else W
         return torch.cat([W, b], -1).reshape(self.n_problems, -1)
 
-    def gmax(self, grad: torch.Tensor) -> torch.Tensor:
-        """Max |gradient| per problem [P] w.r.t. the feature coefficients and intercepts."""
+    def gmax(self, grad: torch.Tensor, tol: float | None = None) -> torch.Tensor:
+        """Max |gradient| per problem [P] w.r.t. the feature coefficients and intercepts. With ``tol``, a lower
+        bound that already exceeds it may stand in for problems that are certainly not converged."""
         g_V, g_b = self._split(grad)
         g_R = g_V if self.scale is None else g_V / self.scale  # g_V = scale * g_R
+        if self.U is not None and tol is not None:
+            # U is orthonormal, so each row of g_W = g_R U^T keeps its 2-norm, and max |g_W| >= ||row|| / sqrt(d):
+            # a problem whose largest row norm exceeds tol * sqrt(d) is certainly not converged, and the
+            # rotation (a matmul) is only needed for the others.
+            bound = g_R.norm(dim=-1).view(self.n_problems, -1).amax(1) / g_R.shape[-1] ** 0.5
+            if bool((bound > tol).all()):
+                return bound
         g_W = g_R @ self.U.transpose(1, 2) if self.U is not None else g_R  # R = X U: g_R = g_W U
         return torch.maximum(g_W.abs().amax(-1), g_b[..., 0].abs()).view(self.n_problems, -1).amax(1)
 
@@ -288,11 +307,12 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
         q *= gamma[:, None]
         for j, a in zip(reversed(slots), reversed(alphas)):
             q.addcmul_((a - rho[j] * torch.linalg.vecdot(Yh[j], q))[:, None], S[j])
-        d = torch.where(active[:, None], -q, 0)
-        gd = (g * d).sum(1)
+        d = q.neg_() if bool(active.all()) else torch.where(active[:, None], -q, 0)
+        gd = torch.linalg.vecdot(g, d)
         uphill = active & (gd >= 0)  # a bad curvature estimate: fall back to scaled steepest descent
-        d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
-        gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
+        if bool(uphill.any()):
+            d = torch.where(uphill[:, None], -gamma[:, None] * g, d)
+            gd = torch.where(uphill, -gamma * (g * g).sum(1), gd)
         # Logits are linear in theta, so one matmul gives them along the whole ray x + t d: line-search trials
         # cost elementwise work only, and each iteration two matmuls (this one and the new gradient).
         lg_d = objective.logits(d)
@@ -308,24 +328,26 @@ def lbfgs(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, his
             if ok.all():
                 break
             t = torch.where(ok, t, 0.5 * t)
-        t = torch.where(ok, t, 0)  # no decrease found (precision floor): the problem stops where it is
-        x_new = x + t[:, None] * d
+        if not ok.all():  # no decrease found (precision floor): the problem stops where it is
+            t = torch.where(ok, t, 0)
+            x_new = x + t[:, None] * d
         if not ok.all() or it % REFRESH_EVERY == REFRESH_EVERY - 1:  # also undo the drift of updated logits
             lg_new = objective.logits(x_new)
             f_new, G = objective.loss(lg_new, x_new)
         g_new = objective.grad(G, x_new)
-        s, y = x_new - x, g_new - g
-        sy, yy = (s * y).sum(1), (y * y).sum(1)
-        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
         slot = it % history
-        S[slot], Yh[slot], rho[slot] = s, y, torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
+        s, y = torch.sub(x_new, x, out=S[slot]), torch.sub(g_new, g, out=Yh[slot])
+        sy, yy = torch.linalg.vecdot(s, y), torch.linalg.vecdot(y, y)
+        valid = active & ok & (sy > 1e-10 * yy.sqrt() * s.norm(dim=1))
+        rho[slot] = torch.where(valid, 1.0 / sy.clamp_min(1e-30), 0)
         gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
         x, f, g, lg = x_new, f_new, g_new, lg_new
         n_iter[ids] += active.long()
         status[ids] = torch.where(active & ~ok, STALLED, status[ids])
         # A finished problem's gradient is the one it stopped at: re-evaluating it at refreshed logits
         # would only add rounding noise around tol.
-        g_max = objective.gmax(g)
+        # The bound may stand in only while every problem goes on; where one stops, its exact value is kept.
+        g_max = objective.gmax(g, tol if it < max_iter - 1 and bool(ok.all()) else None)
         g_final[ids] = torch.where(active, g_max, g_final[ids])
         active = active & ok & (g_max > tol)
     status[ids] = torch.where(active, MAX_ITER, status[ids])

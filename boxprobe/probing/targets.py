@@ -15,6 +15,14 @@ Definitions follow Tang et al. (PootieT/entity-tracking-mi, ``probe_experiments/
   differs from the current one (elsewhere it re-measures the current contents).
 - ``global_state`` (the description's last period, one item per context): for each mentioned object, which
   box holds it or none: one softmax per object (Tang's 8-way global probe), not one-vs-rest cells.
+- ``mention`` (``answer_prefix`` k=0, the token ``first_object`` reads): for every object of the vocabulary,
+  is it mentioned anywhere in the description? Tang's mention probe (``probe_experiments/src/dataset.py``,
+  ``MentionedProbeDataLoader.load_examples``: ``re.findall(r'\bthe ([^\s,.\n]+)', <description>)``; trained by
+  ``Mention_Trainer`` in ``src/probe_trainer.py``, which overwrites the contents labels with ``y = mentioned``),
+  read at the query's ``--condition_on`` token like their contents probes, with empty boxes dropped as for
+  ``first_object``. All objects count (their accuracy is over all 100 cells). It asks what a lexical lookup
+  can read at the answer token: a model that only knows which objects occur passes it, so ``first_object``
+  must do better than it tells.
 - ``incremental`` (each operation's box label): the box's contents after that operation, counted over the
   objects mentioned up to and including that operation.
 
@@ -33,11 +41,13 @@ import pandas as pd
 
 from boxprobe.data.positions import parse_description
 
-TARGETS = ("empty", "first_object", "kth_object", "prior_1", "prior_2", "prior_3", "global_state", "incremental")
+TARGETS = ("empty", "first_object", "kth_object", "prior_1", "prior_2", "prior_3", "global_state", "incremental",
+           "mention")
 # Cached token role each target reads.
 TARGET_ROLE = {"empty": "query_last", "first_object": "answer_prefix", "kth_object": "answer_prefix",
                "prior_1": "answer_prefix", "prior_2": "answer_prefix", "prior_3": "answer_prefix",
-               "global_state": ("state_end", "op_end"), "incremental": "box_mention"}
+               "global_state": ("state_end", "op_end"), "incremental": "box_mention",
+               "mention": "answer_prefix"}
 # Token-level targets: the probed token's type is a meaningful Hewitt–Liang control key.
 TOKEN_LEVEL = ("incremental",)
 
@@ -119,6 +129,18 @@ def prior_target(meta: pd.DataFrame, vocab: Sequence[str], k: int) -> Target:
                   initial=_multi_hot(sub["initial"], vocab), scored=scored, classes=tuple(vocab), **_base(meta, keep))
 
 
+def mention_target(meta: pd.DataFrame, vocab: Sequence[str]) -> Target:
+    """Tang et al.'s mention probe (see the module docstring) at the first answer prefix (k=0 rows): y [n, V]
+    is "object mentioned in the description", every cell counts; the heuristic is "mentioned in the first
+    sentence" (objects that later operations bring in are what it misses)."""
+    keep = meta["k"].astype(int).to_numpy() == 0
+    sub = meta[keep]
+    initial = [[o for box in state for o in box] for state in sub["initial_state"]]
+    y = _multi_hot(sub["mentioned"], vocab)
+    return Target("mention", "multilabel", y=y, mask=np.ones_like(y), initial=_multi_hot(initial, vocab),
+                  scored=np.ones(len(sub), bool), classes=tuple(vocab), **_base(meta, keep))
+
+
 def global_target(ends: pd.DataFrame, contexts: Sequence[str], vocab: Sequence[str]) -> Target:
     """At the description's last period (``ends``: state_end and op_end rows, the row order of the features),
     one item per context, since all queries of a context share that prefix."""
@@ -178,6 +200,8 @@ def build_target(name: str, meta: dict[str, pd.DataFrame], contexts: Sequence[st
         return object_target(meta[role], vocab, "first" if name == "first_object" else "kth"), role
     if name.startswith("prior_"):
         return prior_target(meta[role], vocab, int(name.rsplit("_", 1)[1])), role
+    if name == "mention":
+        return mention_target(meta[role], vocab), role
     if name == "global_state":
         ends = pd.concat([meta["state_end"], meta["op_end"]], ignore_index=True)
         return global_target(ends, contexts, vocab), role
