@@ -53,6 +53,8 @@ class CircuitStudyConfig:
     """Rows per forward pass."""
     seed: int = 0
     """Seed of the pair sampling and the random head sets."""
+    progress: bool = True
+    """Progress bars on the patching passes (each stage and ablation set), and a log line per step."""
 
     def __post_init__(self) -> None:
         if self.n_pairs < 2 or self.n_reference < 1:
@@ -83,11 +85,16 @@ def circuit_study(model, queries: QuerySet, out_dir: str | Path, cfg: CircuitStu
     if len(batch) < cfg.n_pairs:
         logger.warning("circuit study: %d pairs (asked for %d); the data has too few usable contexts", len(batch),
                        cfg.n_pairs)
+    logger.info("circuit study: %d discovery pairs, %d reference pairs; discovering (%s path patching)", len(batch),
+                len(reference), cfg.variant)
     circuit = discover_circuit(model, batch, CircuitConfig(top_k=cfg.top_k, variant=cfg.variant,
-                                                          min_effect=cfg.min_effect, max_batch=cfg.max_batch))
+                                                          min_effect=cfg.min_effect, max_batch=cfg.max_batch),
+                               progress=cfg.progress)
     if circuit.groups:
+        logger.info("circuit study: evaluating %s (faithfulness, completeness%s)", dict(circuit.groups),
+                    ", minimality" if cfg.minimality else "")
         ev = evaluate_circuit(model, batch, circuit.groups, circuit.positions, reference, n_random=cfg.n_random,
-                              seed=cfg.seed, minimality=cfg.minimality, max_batch=cfg.max_batch, progress=False)
+                              seed=cfg.seed, minimality=cfg.minimality, max_batch=cfg.max_batch, progress=cfg.progress)
         circuit.faithfulness = ev["faithfulness"]
         circuit.evaluation = {
             "faithfulness_prob": ev["faithfulness_prob"], "n_reference": len(reference),
@@ -151,7 +158,8 @@ def cmap_study(recipient, donor, queries: QuerySet, circuit: Circuit, out_dir: s
     pick = np.random.default_rng(cfg.seed).choice(len(outside), size=min(len(inside), len(outside)), replace=False)
     groups["random_heads"] = [outside[int(i)] for i in sorted(pick)]
     positions["random_heads"] = "all"
+    logger.info("CMAP: %d pairs the recipient gets wrong, groups %s", len(batch), list(groups))
     frame = cross_model_patch(recipient, donor, batch, groups, positions=positions, max_batch=cfg.max_batch,
-                              progress=False)
+                              progress=cfg.progress)
     frame.to_csv(Path(out_dir) / "cmap.csv", index=False)
     return frame
