@@ -85,8 +85,13 @@ def _probe(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, out_dir=str(args.out))
     cfg = dataclasses.replace(cfg, load=cfg.placement().override(_load_config(args)), device=None)
     run = ProbeExperiment(cfg, overwrite=args.overwrite, repair=args.repair).run()
-    nt = run.probe_accuracy[run.probe_accuracy.metric == "non_trivial"]
-    print(nt.pivot_table(index=["probe", "model", "kind"], columns="layer", values="value").round(3).to_string())
+    acc = run.probe_accuracy
+    # one headline metric per probe (balanced accuracy where the probe reports it), task beside its baselines
+    headline = acc.groupby("probe")["metric"].agg(lambda m: "balanced_accuracy" if "balanced_accuracy" in set(m)
+                                                  else "accuracy")
+    table = acc[acc.metric == acc.probe.map(headline)]
+    print(table.pivot_table(index=["probe", "metric", "model", "kind"], columns="layer", values="value")
+          .round(3).to_string())
     print(f"\nwrote CSVs to {run.out_dir}")
     return 0
 
