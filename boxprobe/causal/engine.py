@@ -138,8 +138,13 @@ def differences(source: Float[torch.Tensor, "batch pos *rest"],
 def _start(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None,
            column: int | None = None) -> int | None:
     """First position a patch over ``pos`` / ``heads`` changes, from ``differences`` ([batch, pos, ...])."""
-    rows = _row_starts(differs, pos, heads, column)
-    return int(rows[rows >= 0].min()) if bool((rows >= 0).any()) else None
+    return _earliest(_row_starts(differs, pos, heads, column))
+
+
+def _earliest(row_starts: torch.Tensor) -> int | None:
+    """The first position any row changes (None: no row changes)."""
+    hit = row_starts >= 0
+    return int(row_starts[hit].min()) if bool(hit.any()) else None
 
 
 def _row_starts(differs: torch.Tensor, pos: torch.Tensor | None, heads: Sequence[int] | None,
@@ -162,8 +167,7 @@ def copy_patch(hook: str, source: Float[torch.Tensor, "batch pos *rest"],
     """A Patch copying ``source`` into a run; ``differs = differences(source, that run's activation)``
     (``column``: both hold chosen positions only, see :func:`copy_setter`)."""
     rows = _row_starts(differs, pos, heads, column)
-    start = int(rows[rows >= 0].min()) if bool((rows >= 0).any()) else None
-    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads, column=column), start, rows)
+    return Patch(hook, partial(copy_setter, source=source, pos=pos, heads=heads, column=column), _earliest(rows), rows)
 
 
 # -- the generic loop -------------------------------------------------------------------------------
