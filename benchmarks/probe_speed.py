@@ -40,8 +40,8 @@ gap caused by sklearn stopping short of the optimum, shows.
 Last line: ``ratio=<sklearn time / our time> accuracy_gap=<max over layers of |test acc difference| in points>``.
 
     .venv/bin/python benchmarks/probe_speed.py [--n-items 3000 --n-layers 5 --d-model 128 --n-classes 8]
-    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base [--per-numops 12] [--label gold]
-    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label first_object --per-numops 24
+    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base [--per-numops 52] [--label gold]
+    .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label first_object
     .venv/bin/python benchmarks/probe_speed.py --model assets/models/toy-base --label global_state
     .venv/bin/python benchmarks/probe_speed.py --cache runs/demo/cache/toy-base --label query_box
 """
@@ -237,7 +237,9 @@ def main() -> None:
     parser.add_argument("--features", type=Path, default=None, help=".npz (X, y) or a directory with X.npy, y.npy")
     parser.add_argument("--cache", type=Path, default=None, help="a boxprobe activation cache directory")
     parser.add_argument("--model", default=None, help="a checkpoint to cache first (e.g. assets/models/toy-base)")
-    parser.add_argument("--per-numops", type=int, default=12, help="with --model: states per numops value")
+    # 52 x 7 numops = 364 states, two thirds of them (~243) trained on: about the fit split of ProbeExperiment's
+    # default (train_limit=300 states, 80% fit / 20% validation), so the problem sizes are the experiment's.
+    parser.add_argument("--per-numops", type=int, default=52, help="with --model: states per numops value")
     parser.add_argument("--hook", default="resid_post")
     parser.add_argument("--role", default="query_last")
     parser.add_argument("--label", default="gold", help="metadata column to probe for (with --cache or --model)")

@@ -193,6 +193,20 @@ def test_select_C_uses_validation_argmax():
     assert isinstance(ml.estimator, LayerwiseMultiLabelProbe) and ml.C.shape == (3,)
 
 
+def test_warm_start_starts_at_the_previous_solution():
+    """A refit from its own optimum stops at once; a start for other classes or layers is ignored."""
+    X, y = planted(n=300, seed=3, d=24)
+    for estimator, target in ((LayerwiseLogisticProbe, y), (LayerwiseMultiLabelProbe, y[:, None] == np.arange(4))):
+        kw = {} if estimator is LayerwiseLogisticProbe else {"mask": np.ones(target.shape, bool)}
+        probe = estimator(C=1.0, standardize=True, warm_start=True).fit(X, target, **kw)
+        cold_iters = probe.n_iter_.copy()
+        probe.fit(X, target, **kw)
+        assert (probe.n_iter_ <= 2).all() and (cold_iters >= 5).all(), (cold_iters, probe.n_iter_)
+    probe = LayerwiseLogisticProbe(warm_start=True).fit(X, y)
+    assert (probe.fit(X, (y + 1) % 4 + 10).n_iter_ >= 5).all()  # other classes: no start
+    assert (probe.fit(X[:, :2], y).n_iter_ >= 5).all()  # other layers: no start
+
+
 def test_split_by_group_keeps_groups_apart():
     groups = np.repeat(np.arange(50), 13)
     train, val, test = split_by_group(groups, (0.6, 0.2, 0.2), seed=3)

@@ -78,7 +78,7 @@ def _layer_block(X: Array, sl: slice, device, dtype) -> Float[torch.Tensor, "lay
 class _LayerwiseBase(BaseEstimator):
     def __init__(self, C=1.0, l2=None, max_iter: int = 1000, tol: float = 1e-4, class_weight=None,
                  solver: str = "lbfgs", standardize: bool = False, precondition: str = "auto", lr: float = 1e-2,
-                 device=None, dtype="float32", layer_batch: int | None = None):
+                 device=None, dtype="float32", layer_batch: int | None = None, warm_start: bool = False):
         self.C = C
         self.l2 = l2
         self.max_iter = max_iter
@@ -91,6 +91,7 @@ class _LayerwiseBase(BaseEstimator):
         self.device = device
         self.dtype = dtype
         self.layer_batch = layer_batch
+        self.warm_start = warm_start
 
     def _torch_setup(self):
         dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
@@ -128,7 +129,8 @@ class _LayerwiseBase(BaseEstimator):
             Xl = (Xl - mu).div_(sd)
             rotated = probe_solver.rotate(Xl, self.precondition, prob.targets.shape[0])
             del Xl
-            W, b, n_iter = probe_solver.solve(rotated, prob, self.solver, self.max_iter, self.tol, self.lr)
+            W, b, n_iter = probe_solver.solve(rotated, prob, self.solver, self.max_iter, self.tol, self.lr,
+                                              self._warm_init(sl, n_layers, mu[:, 0], sd[:, 0], prob.targets.shape[0]))
             W = W / sd  # [L, K, d] coefficients on raw features
             del rotated
             coefs.append(to_numpy(W).astype(np.float64))
@@ -147,6 +149,17 @@ class _LayerwiseBase(BaseEstimator):
         self.n_iter_ = np.concatenate(n_iters)
         self.n_features_in_ = X.shape[2]
         self.n_layers_ = n_layers
+
+    def _warm_init(self, sl: slice, n_layers: int, mu, sd, n_logits: int):
+        """With ``warm_start``, the previous fit's layers ``sl`` as a start (W, b) in the solver's centred (and
+        standardised) coordinates; None without a previous fit of the same shape (sklearn's warm_start)."""
+        coef = getattr(self, "coef_", None) if self.warm_start else None
+        if coef is None or coef.shape != (n_layers, n_logits, mu.shape[-1]):
+            return None
+        W = torch.as_tensor(coef[sl], dtype=mu.dtype, device=mu.device) * sd[:, None, :]
+        b = torch.as_tensor(self.intercept_[sl], dtype=mu.dtype, device=mu.device) + torch.einsum(
+            "lkd,ld->lk", torch.as_tensor(coef[sl], dtype=mu.dtype, device=mu.device), mu)
+        return W, b[..., None]
 
     def decision_function(self, X: Features) -> Float[np.ndarray, "n_items n_layers k"]:
         """Logits [n_items, n_layers, K] on raw features (centred first, for float32 accuracy)."""
@@ -180,7 +193,8 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
     "balanced"), ``solver`` ("lbfgs" or "adam", with learning rate ``lr``), ``standardize`` (z-score each layer's
     features with train mean/std; the penalty then acts on standardised coefficients, like a StandardScaler
     pipeline), ``precondition`` ("auto", "whiten", "diagonal", "none": solver speed only), ``device`` (None =
-    cuda when available), ``dtype``, ``layer_batch`` (layers per batched problem, to bound memory; None = all).
+    cuda when available), ``dtype``, ``layer_batch`` (layers per batched problem, to bound memory; None = all),
+    ``warm_start`` (start from the previous fit's coefficients where their shape matches, as in sklearn).
 
     Fitted: ``coef_`` [n_layers, K, d_model] (K = 1 for binary, as in sklearn, else n_classes), ``intercept_``
     [n_layers, K], ``classes_``, ``mean_`` [n_layers, d_model], ``n_iter_`` [n_layers]. Coefficients always apply
@@ -192,7 +206,10 @@ class LayerwiseLogisticProbe(_LayerwiseBase):
         y = to_numpy(y)
         if y.shape != (X.shape[0],):
             raise ArgumentError(f"y must be shaped [n_items]={X.shape[0]}, got {y.shape}.")
+        previous = getattr(self, "classes_", None)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if previous is not None and not np.array_equal(previous, self.classes_):
+            self.__dict__.pop("coef_", None)  # a warm start for other classes would start nowhere useful
         n_classes = len(self.classes_)
         if n_classes < 2:
             raise DataError(f"y has a single class {self.classes_!r}; a probe needs at least two.")
@@ -321,9 +338,15 @@ def select_C(
     Cs = check_Cs(Cs)
     fit_kw = {} if mask_train is None else {"mask": mask_train}
     score_kw = {} if mask_val is None else {"mask": mask_val}
-    rows, fits = [], {}
-    for C in Cs:
-        fits[C] = clone(base).set_params(C=C, l2=None).fit(X_train, y_train, **fit_kw)
+    rows, fits, previous = [], {}, None
+    for C in sorted(Cs):
+        estimator = clone(base).set_params(C=C, l2=None)
+        if previous is not None:
+            # Start from the next smaller C's solution (a regularisation path, as sklearn's
+            # LogisticRegressionCV walks it): the optimum is the same, reached in fewer iterations.
+            estimator.set_params(warm_start=True)
+            estimator.coef_, estimator.intercept_ = previous.coef_, previous.intercept_
+        fits[C] = previous = estimator.fit(X_train, y_train, **fit_kw).set_params(warm_start=base.warm_start)
         val = fits[C].score(X_val, y_val, **score_kw)
         rows += [{"C": C, "layer": layer, "val_score": s} for layer, s in enumerate(val)]
     scores = pd.DataFrame(rows)

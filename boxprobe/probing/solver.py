@@ -115,6 +115,11 @@ class _Objective:
         return cells, cells // n, self.weights.flatten()[cells], self.targets.flatten()[cells]
 
     @functools.cached_property
+    def Rt(self) -> torch.Tensor:
+        """R transposed [L, d, n], contiguous: the logits matmul reads it once per iteration."""
+        return self.R.transpose(1, 2).contiguous()
+
+    @functools.cached_property
     def labels(self) -> torch.Tensor:
         """Class index [1, 1, n] of each item (softmax batches: the one-hot targets' argmax)."""
         return self.targets.argmax(0)[None, None, :]
@@ -160,7 +165,8 @@ class _Objective:
     def logits(self, theta: torch.Tensor) -> torch.Tensor:
         """Logits [L, K, n] of theta [P, m], viewed as [L, K, d + 1] (coefficients, intercept); linear in theta."""
         Vt, b = self._split(theta)
-        return torch.baddbmm(b, self._scaled(Vt), self.R.transpose(1, 2))
+        # bmm then add: baddbmm's fused bias add is slower on CPU than a separate in-place add.
+        return torch.bmm(self._scaled(Vt), self.Rt).add_(b)
 
     def loss(self, logits: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss [P] at theta, given its logits, and G [L, K, n] = weighted d loss / d logits."""
@@ -383,9 +389,10 @@ def adam(objective: _Objective, x: torch.Tensor, tol: float, max_iter: int, lr: 
     return objective.to_features(x), n_iter, status, g_final
 
 
-def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol: float, lr: float):
-    """Minimise every problem of the batch. Returns (W [L, K, d] on the centred features, b [L, K, 1],
-    n_iter [L])."""
+def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol: float, lr: float,
+          init: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Minimise every problem of the batch, from zero or from ``init`` = (W [L, K, d] on the centred features,
+    b [L, K, 1]), e.g. the solution at a nearby C. Returns (W, b, n_iter [L])."""
     L, _, d = rotated.R.shape
     K = lt.targets.shape[0]
     # Checked here too, for callers that build LogisticTargets themselves: NaN would pass every comparison.
@@ -398,6 +405,12 @@ def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol
         raise ConfigError(f"max_iter must be >= 1, tol >= 0 and lr > 0; got max_iter={max_iter}, tol={tol}, lr={lr}.")
     objective = _Objective(rotated.R, rotated.U, rotated.var, lt.targets, lt.weights, lt.l2, lt.softmax)
     theta = rotated.R.new_zeros(objective.n_problems, (K if lt.softmax else 1) * (d + 1))
+    if init is not None:  # into the solver's coordinates: V = (W U) / scale, the scale measured at init's logits
+        W, b = (t.to(theta) for t in init)
+        W_R = W @ rotated.U if rotated.U is not None else W
+        objective.rescale(torch.bmm(W_R, objective.Rt).add_(b))
+        V = W_R if objective.scale is None else W_R / objective.scale
+        theta = torch.cat([V, b], -1).reshape(theta.shape)
     with torch.no_grad():
         if solver == "lbfgs":
             theta, n_iter, status, g_final = lbfgs(objective, theta, tol, max_iter)
