@@ -9,8 +9,10 @@ grow with depth, are not counted): on CUDA ``torch.cuda.max_memory_allocated`` m
 the workload; on CPU the peak resident set during the workload (``VmHWM``, restarted through
 ``/proc/self/clear_refs`` after ``malloc_trim``) minus the resident set when it starts. (The lifetime peak
 ``ru_maxrss`` would hide whatever the workload needs below the transient peak of loading the weights,
-which is larger for deeper models; it is used only where ``clear_refs`` is unavailable.) The allocator
-rounds, so small figures are noisy. Workloads: ``evaluate`` (fast method) on ``--queries`` queries; ``build_cache`` of
+which is larger for deeper models; it is used only where ``clear_refs`` is unavailable.) Children run with
+glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): every tensor then gets its own mapping,
+returned to the system when freed, so the resident set follows the tensors alive (glibc otherwise raises
+the threshold as it goes and keeps freed tensors in its heap, which made repeated runs differ by half). Workloads: ``evaluate`` (fast method) on ``--queries`` queries; ``build_cache`` of
 ``resid_post`` at ``query_last`` over ``--layers`` layers spread evenly over the depth (first to last);
 ``patch_resid_pre`` over the same layers at the query-box pairs' ``query_last`` position. The layer count
 is fixed so the workload is: patching every layer would run one site per layer, and with up to
@@ -18,11 +20,11 @@ is fixed so the workload is: patching every layer would run one site per layer, 
 memory per unit of work. The ratio column is the peak over the shallowest model's; the goal is 1.0 +- 0.1
 for caching and patching.
 
-What still grows with depth is the key-value cache that the prefix shortcuts hold on purpose (caching
-runs each context's shared prefix once; patching reuses the target run's cache before each site's first
-changed position): one layer's keys and values per layer. ``kv MB`` is its size from the shapes (keys
-and values of every layer for the shared prefixes, or for the target prompts), so the growth can be
-checked against it; ``--no-kv`` runs both stages without the shortcuts (``reuse_context=False``,
+Caching runs each context's shared prefix once by packing it with its queries' suffixes into one row
+(:mod:`boxprobe.activations.packing`), which holds no per-layer state. What can still grow with depth is
+the key-value cache that patching's prefix shortcut holds on purpose (it reuses the target run's keys and
+values before each site's first changed position): ``kv MB`` is its size from the shapes, so the growth
+can be checked against it. ``--no-kv`` runs both stages without their shortcuts (``reuse_context=False``,
 ``kv_prefix=False``), trading time for a peak that holds no per-layer state.
 """
 
@@ -103,12 +105,7 @@ def child(args) -> None:
         * model.cfg.d_head * 4 / 2**20  # MB of keys and values per token, every layer, float32
     if args.stage == "patch":
         kv_mb = 0.0 if args.no_kv else batch.clean_tokens.numel() * kv_row
-    elif args.stage == "cache" and not args.no_kv:
-        from boxprobe.activations.cache import _shared_prefixes
-
-        items = queries.items[:args.queries]
-        kv_mb = sum(n for _, n in _shared_prefixes(items, [len(it.ids) for it in items])) * kv_row
-    else:
+    else:  # eval holds its own decoding cache; caching packs prefixes and holds none
         kv_mb = float("nan")
     if args.stage == "eval":
         evaluate(model, queries[:args.queries], EvalConfig(batch_size=args.queries, progress=False))
@@ -143,7 +140,7 @@ def main() -> None:
     from boxprobe.models.toy import ModelShape, save_random_checkpoint
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for depth in args.depths:

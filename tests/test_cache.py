@@ -17,6 +17,7 @@ from boxprobe.activations.cache import (
     open_cache,
     resolve_hooks,
 )
+from boxprobe.activations.packing import pack, packing_works
 from boxprobe.config import ConfigError
 from boxprobe.data.labels import query_labels
 from boxprobe.models.loading import load_model
@@ -102,8 +103,9 @@ def test_batched_cache_equals_unbatched_run_with_cache(model, queries, tmp_path)
 
 
 def test_prefix_reuse_matches_full_passes_and_answer_roles(model, tmp_path):
-    """Each context's prefix once through the key-value cache gives the rows of one full pass per prompt,
-    answer-prefix roles (in the teacher-forced gold) included; ``layers`` keeps only those blocks."""
+    """Each context's prefix once, packed with its queries' suffixes, gives the rows of one full pass per
+    prompt, answer-prefix roles (in the teacher-forced gold) included; ``layers`` keeps only those blocks."""
+    assert packing_works(model, examples_ids(model))
     # Consecutive queries of one context, so contexts share prefixes within batches.
     qs = prepare(model, examples()[:21], resolve_spec(model, "toy"))
     roles = ("query_last", "box_mention", "answer_prefix", "answer_object")
@@ -188,6 +190,45 @@ def test_no_hook_survives_an_exception(model, queries, tmp_path, monkeypatch):
     assert hook_count(model) == n_hooks
     with torch.inference_mode():
         assert torch.equal(model(tokens), before)
+
+
+def examples_ids(model):
+    return prepare(model, examples()[:1], resolve_spec(model, "toy"))[0].ids
+
+
+def test_pack_lays_out_prefix_then_suffixes():
+    """Hand-worked: prefix [5, 6], suffixes [7] and [8, 9]; a second row [1] + [2], padded."""
+    p = pack([[5, 6], [1]], [[[7], [8, 9]], [[2]]], pad_id=0, device="cpu", dtype=torch.float32)
+    assert p.ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]]
+    assert p.positions.tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 0, 0]]
+    assert p.starts == [[2, 3], [1]]
+    seen = (p.mask[:, 0] == 0).int().tolist()
+    assert seen[0] == [[1, 0, 0, 0, 0],   # prefix: causal
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],   # suffix 1: prefix and itself
+                       [1, 1, 0, 1, 0],   # suffix 2: prefix and itself, not suffix 1
+                       [1, 1, 0, 1, 1]]
+    assert seen[1][1] == [1, 1, 0, 0, 0] and seen[1][3] == [1, 0, 1, 1, 0]  # padding: the prefix and padding
+
+
+def test_models_that_ignore_packing_cache_plain_prompts(model, queries, tmp_path, monkeypatch, caplog):
+    """A model that would not honour the packed mask is detected, warned about, and cached prompt by prompt."""
+    reference = build_cache(model, queries[:14], tmp_path / "a", CFG, progress=False)
+    real_forward = type(model).forward
+
+    def mask_ignored(self, *args, **kw):  # what a bridge that drops 4D masks and position ids computes
+        if kw.get("attention_mask") is not None and kw["attention_mask"].dim() == 4:
+            kw.pop("attention_mask"), kw.pop("position_ids", None)
+        return real_forward(self, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", mask_ignored)
+    assert not packing_works(model, queries[0].ids)
+    with caplog.at_level("WARNING"):
+        fallback = build_cache(model, queries[:14], tmp_path / "b", CFG, progress=False)
+    assert "does not take packed prompts" in caplog.text
+    for role in CFG.roles:
+        torch.testing.assert_close(fallback.activations("resid_post", role), reference.activations("resid_post", role),
+                                   atol=1e-4, rtol=0)
 
 
 def _events(path):

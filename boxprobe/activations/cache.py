@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 import boxprobe
-from boxprobe.behaviour.decoding import cache_keyword_fix, kv_cache_works, pad_rows, row_view
+from boxprobe.activations.packing import pack, packing_works
+from boxprobe.behaviour.decoding import cache_keyword_fix, pad_rows
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import ALL_ROLES, EncodedQuery, QuerySet
 from boxprobe.models.batching import BatchSizer, join_rows_by_item
@@ -54,8 +55,8 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
             "queries_sha256", "n_queries", "spec", "layers", "shard_size")
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
-# Prefix reuse costs a second pass with a key-value cache; below this fraction of the tokens a plain pass
-# would compute, it pays.
+# Packing shared prefixes pays when it computes less than this fraction of the tokens a plain pass would
+# (packed rows are padded to the longest, and their masks are quadratic in its length).
 REUSE_WORTH = 0.7
 
 
@@ -81,7 +82,7 @@ class CacheConfig:
     shard_size: int = 1024
     """Queries per shard; the unit of resumption (a killed run loses at most one shard)."""
     reuse_context: bool = True
-    """Run each context's shared prefix once through the key-value cache (when it gives the same logits)."""
+    """Run each context's shared prefix once, packed with its queries' suffixes (when that gives the same logits)."""
 
     def __post_init__(self) -> None:
         for name in ("hooks", "roles"):  # a bare string means one name, not its characters
@@ -183,13 +184,15 @@ def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: In
 def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
                  batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
                  groups: Sequence[HookGroup], dtype: torch.dtype, *, past_key_values=None,
-                 keep_cache: bool = False) -> dict[str, Float[torch.Tensor, "rows layer ..."]] | tuple[dict, object]:
+                 keep_cache: bool = False, position_ids: Int[torch.Tensor, "batch pos"] | None = None,
+                 ) -> dict[str, Float[torch.Tensor, "rows layer ..."]] | tuple[dict, object]:
     """One forward pass keeping rows ``(batch_idx, pos_idx)`` of every hook, per group on the host.
 
     Without ``keep_cache`` the pass stops once every hook has fired, so layers (and the unembedding)
     past the last requested hook are skipped. With it, the pass runs to the end and its key-value
-    cache is returned too, for a suffix pass (``past_key_values``). Hooks live only inside
-    ``run_with_hooks`` and are removed on error.
+    cache is returned too, for a suffix pass (``past_key_values``). ``attention_mask`` may be a 4D
+    additive mask, with explicit ``position_ids`` (packed rows, :mod:`boxprobe.activations.packing`).
+    Hooks live only inside ``run_with_hooks`` and are removed on error.
     """
     buffers: dict[str, torch.Tensor] = {}
     fired: set[str] = set()
@@ -208,6 +211,8 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
 
     fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
     extra = {"past_key_values": past_key_values} if past_key_values is not None else {}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     if keep_cache:  # the logits are never read: unembed one position, not the prefix's every one
         extra.update(return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
     with torch.inference_mode():
@@ -259,9 +264,10 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
                reuse: bool) -> dict[str, torch.Tensor]:
     """Activations of ``table``'s rows (``item`` relative to ``items``).
 
-    Queries whose context others in the batch share run that prefix once through the key-value
-    cache, then each its own short suffix; the rest run in one plain left-padded pass. Keeping the
-    two apart matters: a long unshared prompt in the suffix pass would pad every suffix to its length.
+    Queries whose context others in the batch share run packed: one row per context holding the shared
+    prefix once and then every member's suffix (:func:`boxprobe.activations.packing.pack`), so no
+    per-layer key-value state is held and memory does not grow with depth. The rest run in one plain
+    left-padded pass. Keeping the two apart matters: a long unshared prompt would pad every packed row.
     """
     device = next(model.parameters()).device
     rel, tok_idx = table["item"].to_numpy(), table["token_index"].to_numpy()
@@ -269,7 +275,7 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
     np.maximum.at(lengths, rel, tok_idx + 1)
     chunks = _shared_prefixes(items, lengths) if reuse else []
     saved = sum(n * (len(m) - 1) for m, n in chunks)
-    if saved < (1 - REUSE_WORTH) * lengths.sum():  # too little shared for a second, cached pass to pay
+    if saved < (1 - REUSE_WORTH) * lengths.sum():  # too little shared for packing to pay
         chunks = []
     shared = np.zeros(len(items), dtype=np.int64)
     chunk_of = np.full(len(items), -1, dtype=np.int64)
@@ -294,18 +300,17 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
         ids, mask = pad_rows([items[i].ids[:lengths[i]] for i in members], pad_id, "left", device)
         run(plain, slot[rel[plain]], tok_idx[plain] + ids.shape[1] - lengths[rel[plain]], ids, mask)
     if chunks:
-        ids, mask = pad_rows([items[m[0]].ids[:n] for m, n in chunks], pad_id, "left", device)
-        pre = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx < shared[rel]))
-        left = ids.shape[1] - shared[rel[pre]]  # left padding shifts each prefix right
-        _, cache = run(pre, chunk_of[rel[pre]], tok_idx[pre] + left, ids, mask, keep_cache=True)
-        members = np.flatnonzero(chunk_of >= 0)
-        slot = np.zeros(len(items), dtype=np.int64)
-        slot[members] = np.arange(len(members))
-        cache = row_view(cache, torch.from_numpy(chunk_of[members]).to(device))  # no per-row copy of every layer
-        suf_ids, suf_mask = pad_rows([items[i].ids[shared[i]:lengths[i]] for i in members], pad_id, "right", device)
-        suf = np.flatnonzero((chunk_of[rel] >= 0) & (tok_idx >= shared[rel]))
-        run(suf, slot[rel[suf]], tok_idx[suf] - shared[rel[suf]], suf_ids,
-            torch.cat([mask[torch.from_numpy(chunk_of[members]).to(device)], suf_mask], 1), past_key_values=cache)
+        packed = pack([items[m[0]].ids[:n] for m, n in chunks],
+                      [[items[i].ids[n:lengths[i]] for i in m] for m, n in chunks], pad_id, device,
+                      next(model.parameters()).dtype)
+        start = np.zeros(len(items), dtype=np.int64)  # where each member's suffix begins in its packed row
+        for c, (members, _) in enumerate(chunks):
+            start[members] = packed.starts[c]
+        rows = np.flatnonzero(chunk_of[rel] >= 0)
+        i, tok = rel[rows], tok_idx[rows]
+        # A prefix token (read by any member) sits where it is; a suffix token after its member's start.
+        where = np.where(tok < shared[i], tok, start[i] + tok - shared[i])
+        run(rows, chunk_of[i], where, packed.ids, packed.mask, position_ids=packed.positions)
     return out
 
 
@@ -378,8 +383,8 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     """Cache ``cfg.hooks`` at ``cfg.roles`` over ``queries`` (:func:`boxprobe.data.queries.prepare`) into
     ``out_dir``, resuming a previous run there.
 
-    Each context's shared prefix runs once through the key-value cache (``cfg.reuse_context``, when
-    :func:`boxprobe.behaviour.decoding.kv_cache_works` on the data), then each query's own suffix.
+    Each context's shared prefix runs once, packed with its queries' suffixes into one row
+    (``cfg.reuse_context``, when :func:`boxprobe.activations.packing.packing_works` for the model).
 
     ``data_hash`` is the sha256 of the data file the queries came from (default: a hash of the
     queries). ``on_batch(shard, batch)`` runs after each forward pass and ``on_shard(shard)`` after
@@ -444,9 +449,9 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     tables: list[pd.DataFrame] = []
     sizer = BatchSizer(cfg.batch_size, "cache")
     with cache_keyword_fix(model):
-        reuse = cfg.reuse_context and bool(len(queries)) and kv_cache_works(model, queries[0].ids)
+        reuse = cfg.reuse_context and bool(len(queries)) and packing_works(model, queries[0].ids)
         if cfg.reuse_context and not reuse:
-            logger.warning("the key-value cache of %s is unavailable; caching without prefix reuse.",
+            logger.warning("%s does not take packed prompts (a 4D attention mask); caching without prefix reuse.",
                            model.cfg.model_name)
         with bar:
             for j, (k, b, start, end) in enumerate(jobs):

@@ -1,4 +1,4 @@
-"""Probe targets: which token each target reads, its labels, the cells that count, and its lexical heuristic.
+r"""Probe targets: which token each target reads, its labels, the cells that count, and its lexical heuristic.
 
 Definitions follow Tang et al. (PootieT/entity-tracking-mi, ``probe_experiments/src/dataset.py``):
 
