@@ -183,16 +183,15 @@ def _gather(act: torch.Tensor, batch_idx: Int[torch.Tensor, "rows"], pos_idx: In
 
 def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"],
                  batch_idx: Int[torch.Tensor, "rows"], pos_idx: Int[torch.Tensor, "rows"],
-                 groups: Sequence[HookGroup], dtype: torch.dtype, *, past_key_values=None,
-                 keep_cache: bool = False, position_ids: Int[torch.Tensor, "batch pos"] | None = None,
-                 ) -> dict[str, Float[torch.Tensor, "rows layer ..."]] | tuple[dict, object]:
+                 groups: Sequence[HookGroup], dtype: torch.dtype, *,
+                 position_ids: Int[torch.Tensor, "batch pos"] | None = None,
+                 ) -> dict[str, Float[torch.Tensor, "rows layer ..."]]:
     """One forward pass keeping rows ``(batch_idx, pos_idx)`` of every hook, per group on the host.
 
-    Without ``keep_cache`` the pass stops once every hook has fired, so layers (and the unembedding)
-    past the last requested hook are skipped. With it, the pass runs to the end and its key-value
-    cache is returned too, for a suffix pass (``past_key_values``). ``attention_mask`` may be a 4D
-    additive mask, with explicit ``position_ids`` (packed rows, :mod:`boxprobe.activations.packing`).
-    Hooks live only inside ``run_with_hooks`` and are removed on error.
+    The pass stops once every hook has fired, so layers (and the unembedding) past the last requested
+    hook are skipped. ``attention_mask`` may be a 4D additive mask, with explicit ``position_ids``
+    (packed rows, :mod:`boxprobe.activations.packing`). Hooks live only inside ``run_with_hooks`` and
+    are removed on error.
     """
     buffers: dict[str, torch.Tensor] = {}
     fired: set[str] = set()
@@ -205,25 +204,20 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
                 buffers[group.name] = rows.new_empty((rows.shape[0], len(group.hooks), *rows.shape[1:]), dtype=dtype)
             buffers[group.name][:, slot] = rows.to(buffers[group.name].device)  # blocks may sit on several devices
             fired.add(group.hooks[slot])
-            if len(fired) == total and not keep_cache:
+            if len(fired) == total:
                 raise StopAtLayerException(None)  # caught by the bridge's forward: skip the rest of the model
         return hook
 
     fwd_hooks = [(name, make_hook(g, slot)) for g in groups for slot, name in enumerate(g.hooks)]
-    extra = {"past_key_values": past_key_values} if past_key_values is not None else {}
-    if position_ids is not None:
-        extra["position_ids"] = position_ids
-    if keep_cache:  # the logits are never read: unembed one position, not the prefix's every one
-        extra.update(return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     with torch.inference_mode():
-        out = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask,
-                                   return_type=extra.pop("return_type", None), **extra)
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, attention_mask=attention_mask, return_type=None, **extra)
     if len(fired) != total:
         never = sorted({n for g in groups for n in g.hooks} - fired)
         raise ConfigError(f"Hook(s) {', '.join(never)} never fired in model {model.cfg.model_name!r}; "
                            "they may need enabling (e.g. model.set_use_attn_result(True)).")
     buffers = {name: buf.cpu() for name, buf in buffers.items()}
-    return (buffers, out[1]) if keep_cache else buffers
+    return buffers
 
 
 def _selection(queries: QuerySet, start: int, end: int, roles: Sequence[str]) -> pd.DataFrame:
@@ -283,14 +277,13 @@ def _run_batch(model, items: Sequence[EncodedQuery], table: pd.DataFrame, groups
         shared[members], chunk_of[members] = n, c
     out: dict[str, torch.Tensor] = {}
 
-    def run(rows: np.ndarray, batch_rows: np.ndarray, positions: np.ndarray, ids, mask, **kw):
+    def run(rows: np.ndarray, batch_rows: np.ndarray, positions: np.ndarray, ids, mask, **kw) -> None:
         acts = run_selected(model, ids, mask, torch.from_numpy(batch_rows).to(device),
                             torch.from_numpy(positions).to(device), groups, store, **kw)
-        for g, a in (acts[0] if isinstance(acts, tuple) else acts).items():
+        for g, a in acts.items():
             if g not in out:
                 out[g] = a.new_empty((len(table), *a.shape[1:]))
             out[g][torch.from_numpy(rows)] = a
-        return acts
 
     plain = np.flatnonzero(chunk_of[rel] < 0)  # rows of queries without a shared prefix
     if len(plain):

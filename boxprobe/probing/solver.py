@@ -20,8 +20,9 @@ Preconditioning. In the eigenbasis of the feature covariance (variances e_j) eac
 scaled by (e_j + mu)^-1/2. The Hessian at the optimum is about c * covariance + l2, where c is the mean
 loss curvature p(1 - p) over the items, so mu = l2 / c would make it isotropic. c is not known in advance
 (overlapping classes: c ~ 0.2; separable ones: c -> 0, and the penalty dominates), so every few iterations
-each problem's c (each class's, for a softmax) is measured at the current logits and its scale reset. The change of variables is exact,
-and L-BFGS's history is carried over into the new coordinates, so nothing about the optimum changes.
+each problem's c (each class's, for a softmax) is measured at the current logits and its scale reset. The
+change of variables is exact, and L-BFGS's history is carried over into the new coordinates, so nothing
+about the optimum changes.
 
 The stopping test is sklearn's: max |gradient| <= tol w.r.t. the coefficients on the (centred) features and
 the intercepts, whatever the solver's coordinates.
@@ -118,11 +119,6 @@ class _Objective:
         return cells, cells // n, self.weights.flatten()[cells], self.targets.flatten()[cells]
 
     @functools.cached_property
-    def Rt(self) -> torch.Tensor:
-        """R transposed [L, d, n], contiguous: the logits matmul reads it once per iteration."""
-        return self.R.transpose(1, 2).contiguous()
-
-    @functools.cached_property
     def labels(self) -> torch.Tensor:
         """Class index [1, 1, n] of each item (softmax batches: the one-hot targets' argmax)."""
         return self.targets.argmax(0)[None, None, :]
@@ -171,7 +167,7 @@ class _Objective:
         """Logits [L, K, n] of theta [P, m], viewed as [L, K, d + 1] (coefficients, intercept); linear in theta."""
         Vt, b = self._split(theta)
         # bmm then add: baddbmm's fused bias add is slower on CPU than a separate in-place add.
-        return torch.bmm(self._scaled(Vt), self.Rt).add_(b)
+        return torch.bmm(self._scaled(Vt), self.R.transpose(1, 2)).add_(b)
 
     def loss(self, logits: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss [P] at theta, given its logits, and G [L, K, n] = weighted d loss / d logits."""
@@ -413,7 +409,7 @@ def solve(rotated: Rotated, lt: LogisticTargets, solver: str, max_iter: int, tol
     if init is not None:  # into the solver's coordinates: V = (W U) / scale, the scale measured at init's logits
         W, b = (t.to(theta) for t in init)
         W_R = W @ rotated.U if rotated.U is not None else W
-        objective.rescale(torch.bmm(W_R, objective.Rt).add_(b))
+        objective.rescale(torch.bmm(W_R, rotated.R.transpose(1, 2)).add_(b))
         V = W_R if objective.scale is None else W_R / objective.scale
         theta = torch.cat([V, b], -1).reshape(theta.shape)
     with torch.no_grad():
