@@ -21,11 +21,12 @@ memory per unit of work. The ratio column is the peak over the shallowest model'
 for caching and patching.
 
 Caching runs each context's shared prefix once by packing it with its queries' suffixes into one row
-(:mod:`boxprobe.activations.packing`), which holds no per-layer state. What can still grow with depth is
-the key-value cache that patching's prefix shortcut holds on purpose (it reuses the target run's keys and
-values before each site's first changed position): ``kv MB`` is its size from the shapes, so the growth
-can be checked against it. ``--no-kv`` runs both stages without their shortcuts (``reuse_context=False``,
-``kv_prefix=False``), trading time for a peak that holds no per-layer state.
+(:mod:`boxprobe.activations.packing`), which holds no per-layer state. Patching's position shortcut would
+hold the target run's keys and values of every layer for the whole pass (``kv MB``: their size from the
+shapes); by default (``kv_prefix=None``) it is used only where that adds at most
+``boxprobe.causal.engine.KV_SHARE`` to a forward's activations, and otherwise each chunk starts from its
+start layer's residual stream at every position, which holds nothing per layer. ``--no-kv`` turns both
+shortcuts off (``reuse_context=False``, ``kv_prefix=False``).
 """
 
 from __future__ import annotations

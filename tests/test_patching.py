@@ -199,8 +199,8 @@ def test_matches_transformer_lens_on_unpadded_pairs(model, flat_batch):
     by_pos = P.patch_heads(model, b, positions="each", progress=False, max_batch=40)
     assert torch.allclose(values(by_pos, L, n_pos, H), ref_by_pos, atol=ATOL)
     # Starting each site at its patched layer (on by default for unpadded batches) is exact too.
-    for skip in (True, False):
-        again = P.patch_resid_pre(model, b, progress=False, kv_prefix=True, skip_layers=skip)
+    for kv, skip in ((True, True), (True, False), (False, True)):  # layer skip also works without the cache
+        again = P.patch_resid_pre(model, b, progress=False, kv_prefix=kv, skip_layers=skip)
         assert torch.allclose(values(again, L, n_pos), ref_resid, atol=ATOL)
     # Without shortcuts (every site over every position, no cache) the numbers are the same.
     plain = P.patch_resid_pre(model, b, progress=False, shortcuts=False)
@@ -228,6 +228,20 @@ def test_padded_batches_match_one_site_per_forward(model, padded_batch):
     resid = P.patch_resid_pre(model, b, progress=False)
     uncached = P.patch_resid_pre(model, b, progress=False, kv_prefix=False, max_batch=7)
     assert torch.allclose(values(resid, -1), values(uncached, -1), atol=ATOL)
+    blocks_run = []  # blocks computed: skip_blocks shadows a skipped block's forward with a pass-through
+    inner = type(model.blocks[0].original_component)
+    real = inner.forward
+
+    def counting(self, *args, **kw):
+        blocks_run.append(1)
+        return real(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:  # without the cache, sites still start at their layer
+        mp.setattr(inner, "forward", counting)
+        skipped = P.patch_resid_pre(model, b, progress=False, kv_prefix=False, skip_layers=True, max_batch=7)
+        n_skipped, blocks_run[:] = len(blocks_run), []
+        full = P.patch_resid_pre(model, b, progress=False, kv_prefix=False, skip_layers=False, max_batch=7)
+    assert torch.allclose(values(skipped, -1), values(full, -1), atol=ATOL) and n_skipped < len(blocks_run)
     for layer in range(model.cfg.n_layers):
         for p in range(b.n_pos):
             got = resid[(resid["layer"] == layer) & (resid["position_index"] == p)]["value"].item()

@@ -225,9 +225,23 @@ def _collect_hook(act, hook, *, out: torch.Tensor, sites: list[int], spans: list
     return act
 
 
+# The key-value prefix is used (kv_prefix=None) only while it adds at most this share to one forward's
+# activation memory: it holds every layer's keys and values for the whole pass, so without a bound the
+# peak grows with depth; the alternative (each chunk from its start layer's residual stream at every
+# position) holds nothing per layer.
+KV_SHARE = 0.1
+
 # Per-forward overhead of the bridge, in row-positions of a full forward (about 10 ms, or 130 rows x
 # positions, for the 4-layer toy model on a CPU): what merging sites into one forward saves.
 FORWARD_COST = 128
+
+
+def kv_share(cfg, n_prompts: int, n_pos: int, rows: int) -> float:
+    """Keys and values of every layer for ``n_prompts`` target prompts, over one forward's activations at
+    ``rows`` rows (estimated: residual stream and attention and MLP intermediates, attention scores)."""
+    kv_width = 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
+    per_token = 4 * cfg.d_model + 2 * (getattr(cfg, "d_mlp", None) or 4 * cfg.d_model) + cfg.n_heads * n_pos
+    return cfg.n_layers * n_prompts * kv_width / (rows * per_token)
 
 
 def position_ids(mask: Int[torch.Tensor, "batch pos"]) -> Int[torch.Tensor, "batch pos"]:
@@ -374,10 +388,11 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     dropped (with a warning) where it does not reproduce it, beside skipping the pairs a site leaves
     unchanged (always with ``shortcuts``):
     ``kv_prefix`` reuses the target's key-value cache before each chunk's first changed position (None:
-    when ``kv_cache_works``); ``skip_layers`` starts a site whose patches and collected hooks all sit at
+    when ``kv_cache_works`` and it adds at most ``KV_SHARE`` to a forward's activation memory,
+    :func:`kv_share`, so that the peak does not grow with depth); ``skip_layers`` starts a site whose patches and collected hooks all sit at
     block L or above at block L, from the target's residual stream under the same mask and rotary
-    positions, without running the blocks below (None: with ``kv_prefix`` when the target's residual
-    streams fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
+    positions, without running the blocks below (None: when the target's residual streams at those
+    layers fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
     position only (None: when no patch or collected hook sits after that point). ``shortcuts=False`` runs
     every site over every pair, position and block (no skipping, no cache), for comparison."""
     check_choice("target", target, ("clean", "corrupt"))
@@ -396,14 +411,20 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     layer_of = [min([_hook_layer(p.hook) for p in site if p.start is not None] + [floor]) for site in sites]
     live = [i for i, s in enumerate(starts) if s is not None]
     values = torch.empty(len(sites), len(metrics), n)
+    pairs_of = [_site_pairs(site, n) for site in sites]
+    rows_of = [n if p is None else len(p) for p in pairs_of]
     with torch.inference_mode(), cache_keyword_fix(model), split_qkv_input(model, split_qkv):
         if kv_prefix is None:
-            kv_prefix = bool(live) and max(starts[i] for i in live) > 0 and kv_cache_works(
-                model, tokens[0, int(batch.pad[0]):].tolist())
-        if skip_layers is None:  # the target's residual stream at every layer is kept for the whole batch
-            skip_layers = kv_prefix and tokens.numel() * model.cfg.d_model * n_layers * 4 <= 2 ** 29
-        skip_layers = bool(skip_layers and kv_prefix)
-        needed = sorted({layer_of[i] for i in live} - {0, n_layers}) if skip_layers else []
+            rows = min(max(max_batch, n), sum(rows_of[i] for i in live) or 1)
+            kv_prefix = (bool(live) and max(starts[i] for i in live) > 0
+                         and kv_share(model.cfg, n, tokens.shape[1], rows) <= KV_SHARE
+                         and kv_cache_works(model, tokens[0, int(batch.pad[0]):].tolist()))
+        needed = sorted({layer_of[i] for i in live} - {0, n_layers})
+        if skip_layers is None:  # the target's residual stream at each start layer is kept for the whole batch
+            skip_layers = tokens.numel() * model.cfg.d_model * len(needed) * 4 <= 2 ** 29
+        # Without the key-value prefix a chunk starts from the residual stream at every position, which is
+        # as exact and keeps no per-layer state beyond the start layers.
+        needed = needed if skip_layers else []
         resid: dict[int, torch.Tensor] = {}
         lo = min((starts[i] for i in live), default=0) if kv_prefix else 0  # no chunk reads positions before
 
@@ -427,8 +448,6 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
                 needed, read_last = [], False
         if not needed:
             layer_of = [0] * len(sites)
-        pairs_of = [_site_pairs(site, n) for site in sites]
-        rows_of = [n if p is None else len(p) for p in pairs_of]
         chunks = plan_chunks(live, [s or 0 for s in starts], layer_of, rows_of, tokens.shape[1], n_layers,
                              max(max_batch, n))
         everyone = torch.arange(n, device=tokens.device)
