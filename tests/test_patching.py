@@ -493,3 +493,25 @@ def test_patching_with_blocks_offloaded_to_disk_matches_one_device(toy_dir, mode
         assert torch.allclose(values(got, -1), values(want, -1), atol=ATOL)
         assert values(want, -1).abs().max() > 0.1  # not a comparison of zeros
     assert no_hooks_left(split)
+
+
+def test_kv_share_by_hand():
+    # keys + values: 2 layers x 3 prompts x 2 x 4 heads x 8 = 384 per position; activations per row and position:
+    # 4 x 32 (residual) + 2 x 128 (MLP) + 4 x 10 (scores) = 424, over 6 rows.
+    cfg = SimpleNamespace(n_layers=2, n_heads=4, d_head=8, d_model=32, d_mlp=128)
+    assert engine.kv_share(cfg, n_prompts=3, n_pos=10, rows=6) == pytest.approx(384 / (6 * 424))
+    cfg.n_key_value_heads = 1  # grouped-query attention: a quarter of the keys and values
+    assert engine.kv_share(cfg, n_prompts=3, n_pos=10, rows=6) == pytest.approx(96 / (6 * 424))
+
+
+def test_kv_prefix_default_holds_the_cache_only_within_its_memory_share(model, padded_batch, monkeypatch):
+    """By default the key-value prefix is used only where it adds at most KV_SHARE to a forward's memory;
+    either way the numbers are the same."""
+    asked = []
+    monkeypatch.setattr(engine, "kv_cache_works", lambda *args: asked.append(1) or True)
+    monkeypatch.setattr(engine, "KV_SHARE", 0.0)
+    without = P.patch_resid_pre(model, padded_batch, progress=False)
+    assert asked == []  # too large a share: not even tried
+    monkeypatch.setattr(engine, "KV_SHARE", float("inf"))
+    held = P.patch_resid_pre(model, padded_batch, progress=False)
+    assert asked and torch.allclose(values(without, -1), values(held, -1), atol=ATOL)
