@@ -231,6 +231,34 @@ def test_models_that_ignore_packing_cache_plain_prompts(model, queries, tmp_path
                                    atol=1e-4, rtol=0)
 
 
+def test_description_roles_are_stored_once_per_context(model, queries, tmp_path):
+    """Rows of the description's roles come once per context (under its first query), query roles once per query;
+    a cache written before this (no ``context_rows`` in its manifest) is refused, not mixed."""
+    qs = queries[:14]
+    cfg = CacheConfig(hooks=("resid_post",), roles=("query_last", "box_mention"), batch_size=5, shard_size=8)
+    reader = build_cache(model, qs, tmp_path / "c", cfg, progress=False)
+    contexts = [q.query.examples[0].context for q in qs.items]
+    firsts = {contexts.index(c) for c in contexts}
+    assert 1 < len(firsts) < len(qs)  # several contexts, several queries each
+    assert sorted(reader.metadata("query_last")["query_index"]) == list(range(len(qs)))
+    mentions = reader.metadata("box_mention")
+    assert set(mentions["query_index"]) == firsts
+    pos = qs.positions
+    per_query = pos[pos["role"] == "box_mention"].groupby("item").size()
+    assert len(mentions) == sum(per_query[i] for i in firsts) < per_query.sum()
+    for row in mentions.head(3).itertuples():  # each stored row is that query's own activation there
+        _, ref = model.run_with_cache(torch.tensor([qs[row.query_index].ids]),
+                                      names_filter=lambda n: n == "blocks.1.hook_resid_post")
+        torch.testing.assert_close(reader.activations("resid_post", "box_mention")[row.Index, 1],
+                                   ref["blocks.1.hook_resid_post"][0, row.token_index], atol=1e-4, rtol=0)
+    manifest = tmp_path / "c" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["context_rows"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(CacheMismatchError, match="context_rows"):
+        build_cache(model, qs, tmp_path / "c", cfg, progress=False)
+
+
 def _events(path):
     return [tuple(line.split()) for line in path.read_text().splitlines()] if path.exists() else []
 

@@ -13,6 +13,9 @@ activation is finite before it returns any of it, and names the shard, model, la
 that fail. A rerun of ``build_cache`` rebuilds shards that fail the check; ``repair=True`` (``--repair``)
 also rebuilds a cache whose manifest is unreadable.
 
+Rows: one per (query, role position). The description's roles (``CONTEXT_ROLES``: box mentions, objects,
+sentence ends), which all queries of a context share, are stored once per context, under its first query.
+
 Groups: ``blocks.{l}.hook_resid_post`` over ``l`` is ``resid_post``, rows ``[n, n_layers, d_model]``;
 ``attn.hook_z`` keeps its heads, ``[n, n_layers, n_heads, d_head]``; ``hook_embed`` has one layer, -1.
 """
@@ -53,11 +56,14 @@ MANIFEST = "manifest.json"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Manifest fields that must agree before a directory's shards are reused.
 COMPARED = ("model", "revision", "weight_mode", "model_dtype", "dtype", "hooks", "roles", "data_sha256",
-            "queries_sha256", "n_queries", "spec", "layers", "shard_size")
+            "queries_sha256", "n_queries", "spec", "layers", "shard_size", "context_rows")
 _NOT_A_ROW = ("hook_pattern", "hook_attn_scores")
 # Packing shared prefixes pays when it computes less than this fraction of the tokens a plain pass would
 # (packed rows are padded to the longest, and their masks are quadratic in its length).
 REUSE_WORTH = 0.7
+# Roles of the description, which every query of a context shares: their rows are stored once per context,
+# under the context's first query (``first_of_context``), not once per query.
+CONTEXT_ROLES = ("box_mention", "object_first", "object_last", "state_end", "op_end")
 
 
 class CacheMismatchError(BoxprobeError, ValueError):
@@ -220,10 +226,23 @@ def run_selected(model, tokens: Int[torch.Tensor, "batch pos"], attention_mask: 
     return buffers
 
 
-def _selection(queries: QuerySet, start: int, end: int, roles: Sequence[str]) -> pd.DataFrame:
-    """Position rows of queries ``start..end-1`` at ``roles``, grouped by role in ``roles`` order."""
+def first_of_context(queries: QuerySet) -> np.ndarray:
+    """Whether each query is the first of its context in the set (the one that stores the context's rows)."""
+    seen: set[str] = set()
+    first = np.zeros(len(queries), dtype=bool)
+    for i, item in enumerate(queries.items):
+        context = item.query.examples[0].context
+        first[i] = context not in seen
+        seen.add(context)
+    return first
+
+
+def _selection(queries: QuerySet, start: int, end: int, roles: Sequence[str], first: np.ndarray) -> pd.DataFrame:
+    """Position rows of queries ``start..end-1`` at ``roles``, grouped by role in ``roles`` order; rows of
+    ``CONTEXT_ROLES`` only for queries that are ``first`` of their context."""
     pos = queries.positions
     table = pos[(pos["item"] >= start) & (pos["item"] < end) & pos["role"].isin(roles)]
+    table = table[~table["role"].isin(CONTEXT_ROLES).to_numpy() | first[table["item"].to_numpy()]]
     order = table["role"].map({r: i for i, r in enumerate(roles)}).to_numpy()
     return table.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
 
@@ -320,7 +339,7 @@ def _manifest_request(model, queries: QuerySet, cfg: CacheConfig, groups, data_h
         "groups": {g.name: {"hooks": list(g.hooks), "layers": list(g.layers)} for g in groups},
         "data_sha256": data_hash or q_hash, "queries_sha256": q_hash, "n_queries": len(queries),
         "spec": queries.spec.describe(), "layers": None if cfg.layers is None else list(cfg.layers),
-        "shard_size": cfg.shard_size,
+        "shard_size": cfg.shard_size, "context_rows": "once per context",
         "batch_size": cfg.batch_size, "boxprobe_version": boxprobe.__version__,
     }
 
@@ -441,6 +460,7 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
     parts: dict[str, list[torch.Tensor]] = {}
     tables: list[pd.DataFrame] = []
     sizer = BatchSizer(cfg.batch_size, "cache")
+    first = first_of_context(queries)
     with cache_keyword_fix(model):
         reuse = cfg.reuse_context and bool(len(queries)) and packing_works(model, queries[0].ids)
         if cfg.reuse_context and not reuse:
@@ -448,7 +468,7 @@ def build_cache(model, queries: QuerySet, out_dir: str | Path, cfg: CacheConfig,
                            model.cfg.model_name)
         with bar:
             for j, (k, b, start, end) in enumerate(jobs):
-                table = _selection(queries, start, end, cfg.roles)
+                table = _selection(queries, start, end, cfg.roles, first)
                 rel = table.assign(item=table["item"] - start)
                 # halves the batch on out-of-memory (boxprobe.models.batching); pieces keep their rows' order
                 acts = sizer.run_range(end - start, lambda lo, hi: _run_batch(

@@ -35,9 +35,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5
 # default template; Llama's 32k SentencePiece splits a little finer.
 CHARS_PER_TOKEN = 3.5
 # Rows one per-box query contributes to each role of the activation cache (2-shot default template,
-# 7 boxes); prompt roles count once per query although a context's queries share them.
-ROWS_PER_QUERY = {"query_last": 1, "query_box": 1, "answer_prefix": 2, "answer_object": 2, "box_mention": 30,
-                  "object_first": 40, "object_last": 40, "state_end": 3, "op_end": 12}
+# 7 boxes): the description's roles are stored once per context of 7 queries (cache.CONTEXT_ROLES).
+ROWS_PER_QUERY = {"query_last": 1, "query_box": 1, "answer_prefix": 2, "answer_object": 2, "box_mention": 30 / 7,
+                  "object_first": 40 / 7, "object_last": 40 / 7, "state_end": 3 / 7, "op_end": 12 / 7}
 GIB = 2**30
 
 
