@@ -389,8 +389,8 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     unchanged (always with ``shortcuts``):
     ``kv_prefix`` reuses the target's key-value cache before each chunk's first changed position (None:
     when ``kv_cache_works`` and it adds at most ``KV_SHARE`` to a forward's activation memory,
-    :func:`kv_share`, so that the peak does not grow with depth); ``skip_layers`` starts a site whose patches and collected hooks all sit at
-    block L or above at block L, from the target's residual stream under the same mask and rotary
+    :func:`kv_share`, so that the peak does not grow with depth); ``skip_layers`` starts a site whose
+    patches and collected hooks all sit at block L or above at block L, from the target's residual stream under the same mask and rotary
     positions, without running the blocks below (None: when the target's residual streams at those
     layers fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
     position only (None: when no patch or collected hook sits after that point). ``shortcuts=False`` runs
@@ -415,9 +415,9 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     rows_of = [n if p is None else len(p) for p in pairs_of]
     with torch.inference_mode(), cache_keyword_fix(model), split_qkv_input(model, split_qkv):
         if kv_prefix is None:
-            rows = min(max(max_batch, n), sum(rows_of[i] for i in live) or 1)
+            widest = min(max(max_batch, n), sum(rows_of[i] for i in live) or 1)  # rows of the largest forward
             kv_prefix = (bool(live) and max(starts[i] for i in live) > 0
-                         and kv_share(model.cfg, n, tokens.shape[1], rows) <= KV_SHARE
+                         and kv_share(model.cfg, n, tokens.shape[1], widest) <= KV_SHARE
                          and kv_cache_works(model, tokens[0, int(batch.pad[0]):].tolist()))
         needed = sorted({layer_of[i] for i in live} - {0, n_layers})
         if skip_layers is None:  # the target's residual stream at each start layer is kept for the whole batch

@@ -85,6 +85,13 @@ def _prepare(model, batch: PairBatch, names: Sequence[str], direction: Direction
     return batch, ("corrupt" if direction == "denoising" else "clean"), source, target, differs
 
 
+def _prepare_at(model, batch: PairBatch, names: Sequence[str], direction: Direction, positions: Positions):
+    """:func:`_prepare` keeping only the patched positions; also the position sites as (label, pos, column)."""
+    where = _position_sites(batch.to(model.cfg.device), positions)
+    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
+    return batch, target, source, differs, [(label, pos, c) for (label, pos), c in zip(where, _columns(where))]
+
+
 def _position_sites(batch: PairBatch, positions: Positions) -> list[tuple[object, torch.Tensor | None]]:
     if positions is None or positions == "all":
         return [("all", None)]
@@ -170,14 +177,11 @@ def patch_layer_outputs(model, batch: PairBatch, component: Literal["attn_out", 
 def _layer_sweep(model, batch, hook, metric, direction, layers, positions, per_pair, loop) -> pd.DataFrame:
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     names = [f"blocks.{layer}.{hook}" for layer in layers]
-    where = _position_sites(batch.to(model.cfg.device), positions)
-    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
-    cols = _columns(where)
-    sites = [[copy_patch(name, source[name], differs[name], pos, column=c)]
-             for name in names for (_, pos), c in zip(where, cols)]
+    batch, target, source, differs, at = _prepare_at(model, batch, names, direction, positions)
+    sites = [[copy_patch(name, source[name], differs[name], pos, column=c)] for name in names for _, pos, c in at]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
-    tokens = [_token_label(model.tokenizer, batch, pos) for _, pos in where]
-    keys = [(layer, label, token) for layer in layers for (label, _), token in zip(where, tokens)]
+    tokens = [_token_label(model.tokenizer, batch, pos) for _, pos, _ in at]
+    keys = [(layer, label, token) for layer in layers for (label, _, _), token in zip(at, tokens)]
     return _frame(model, keys, ["layer", "position", "token"], values, batch, metric, per_pair)
 
 
@@ -188,12 +192,10 @@ def patch_heads(model, batch: PairBatch, *, metric: Metric = normalised_logit_di
     interval columns."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     names = [_z(layer) for layer in range(n_layers)]
-    where = _position_sites(batch.to(model.cfg.device), positions)
-    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
-    cols = _columns(where)
-    keys = [(layer, label, head) for layer in range(n_layers) for label, _ in where for head in range(n_heads)]
+    batch, target, source, differs, at = _prepare_at(model, batch, names, direction, positions)
+    keys = [(layer, label, head) for layer in range(n_layers) for label, _, _ in at for head in range(n_heads)]
     sites = [[copy_patch(_z(layer), source[_z(layer)], differs[_z(layer)], pos, [head], c)]
-             for layer in range(n_layers) for (_, pos), c in zip(where, cols) for head in range(n_heads)]
+             for layer in range(n_layers) for _, pos, c in at for head in range(n_heads)]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
     return _frame(model, keys, ["layer", "position", "head_index"], values, batch, metric, per_pair)
 
@@ -210,12 +212,10 @@ def patch_head_groups(model, batch: PairBatch, groups: Mapping[str, Heads], *, m
     metric, value and the interval columns."""
     groups = {name: _heads(hs) for name, hs in groups.items()}
     names = sorted({_z(layer) for hs in groups.values() for layer in hs})
-    where = _position_sites(batch.to(model.cfg.device), positions)
-    batch, target, source, _, differs = _prepare(model, batch, names, direction, where)
-    cols = _columns(where)
-    sites = [_group_patches(source, differs, hs, pos, c) for hs in groups.values() for (_, pos), c in zip(where, cols)]
+    batch, target, source, differs, at = _prepare_at(model, batch, names, direction, positions)
+    sites = [_group_patches(source, differs, hs, pos, c) for hs in groups.values() for _, pos, c in at]
     values = generic_patch(model, batch, sites, {"value": metric}, target=target, **loop)[:, 0]
-    return _frame(model, [(name, label) for name in groups for label, _ in where], ["group", "position"], values,
+    return _frame(model, [(name, label) for name in groups for label, _, _ in at], ["group", "position"], values,
                   batch, metric, per_pair)
 
 
