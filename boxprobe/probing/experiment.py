@@ -44,7 +44,7 @@ from boxprobe.errors import MissingFileError
 from boxprobe.models.loading import load_model, model_id, model_info, model_n_layers
 from boxprobe.models.placement import LoadConfig
 from boxprobe.pipeline.rundir import atomic_write_csv, atomic_write_text, claim_run_dir
-from boxprobe.probing.features import Side as _Side, joined_probe as _merge_layers, side_features as _features
+from boxprobe.probing.features import Side, joined_probe
 from boxprobe.probing.probes import check_Cs
 from boxprobe.probing.baselines import (FittedProbe, control_labels_for, initial_prediction, majority_prediction,
                                         metric_parts, permuted_labels, score_rows)
@@ -335,7 +335,7 @@ class ProbeExperiment:
                                batch_size=cfg.batch_size)
         return causal_table(raw, label, cfg.n_boot, cfg.seed)
 
-    def _cache(self, model, queries: QuerySet, label: str, split: str) -> _Side:
+    def _cache(self, model, queries: QuerySet, label: str, split: str) -> Side:
         cfg = self.cfg
         queries.check_model(model)
         roles = []
@@ -350,14 +350,14 @@ class ProbeExperiment:
         request = hashlib.sha256(json.dumps([roles, hooks, cfg.layers, cfg.dtype]).encode()).hexdigest()[:8]
         reader = build_cache(model, queries, self.out / "cache" / label / f"{split}-{request}", cache_cfg,
                              data_hash=queries_sha256(queries), repair=self.repair)
-        # the probed hook's layers stay on disk, read a block at a time (_Side.features); the embedding is one layer
+        # the probed hook's layers stay on disk, read a block at a time (Side.features); the embedding is one layer
         embed = ({role: reader.activations(EMBED_HOOK, role).float().numpy() for role in roles}
                  if EMBED_HOOK in hooks else {})
         meta = {role: reader.metadata(role).reset_index(drop=True) for role in roles}
-        return _Side(meta, reader, cfg.hook, embed, [it.query.examples[0].context for it in queries], queries,
+        return Side(meta, reader, cfg.hook, embed, [it.query.examples[0].context for it in queries], queries,
                      reader.layers(cfg.hook))
 
-    def _probe(self, name: str, model, train: _Side, test: _Side, label: str, random_init: bool):
+    def _probe(self, name: str, model, train: Side, test: Side, label: str, random_init: bool):
         cfg = self.cfg
         tr, role = build_target(name, train.meta, train.contexts, self.vocab)
         te, _ = build_target(name, test.meta, test.contexts, self.vocab)
@@ -390,7 +390,7 @@ class ProbeExperiment:
             if "initial_state" in cfg.baselines:
                 rows.append(score_rows(initial_prediction(tr, te), te, items, kind="initial_state", **kw))
             if "embedding" in cfg.baselines and train.embed:
-                Etr, Ete = _features(train, role, True)[tr.rows], _features(test, role, True)[te.rows]
+                Etr, Ete = train.embedding(role)[tr.rows], test.embedding(role)[te.rows]
                 if np.ptp(Etr, axis=0).max() == 0:  # one token type (e.g. "contains"): only the intercept is left
                     emb_pred = majority_prediction(tr, te)
                 else:
@@ -404,7 +404,7 @@ class ProbeExperiment:
             if name in ("first_object", "kth_object"):
                 rows += self._model_argmax(model, test.queries, te, kw)
         if name == "first_object" and not random_init:
-            self._first = (_merge_layers(probes), te, test.queries)
+            self._first = (joined_probe(probes), te, test.queries)
         num, den = metric_parts(pred, te)["accuracy"][0]
         correct = (num / np.maximum(den, 1e-12), te.groups, den[:, 0] > 0)
         heat = pd.DataFrame([{"model": label + (" (random init)" if random_init else ""), "probe": name,

@@ -33,12 +33,10 @@ class Side:
         roles = role if isinstance(role, tuple) else (role,)
         return np.concatenate([self.reader.activations(self.hook, r, layers).float().numpy() for r in roles])
 
-
-def side_features(side: Side, role, embed: bool = False) -> np.ndarray:
-    if not embed:
-        return side.features(role, slice(None))
-    store = side.embed
-    return np.concatenate([store[r] for r in role]) if isinstance(role, tuple) else store[role]
+    def embedding(self, role) -> np.ndarray:
+        """Embedding-layer features of ``role`` (a tuple: its roles' rows in turn), held in memory."""
+        roles = role if isinstance(role, tuple) else (role,)
+        return np.concatenate([self.embed[r] for r in roles])
 
 
 def joined_probe(probes: list[FittedProbe]) -> FittedProbe:
