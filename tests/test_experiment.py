@@ -137,3 +137,23 @@ def test_layer_blocks_give_the_same_results_and_read_the_stored_dtype_per_block(
     pd.testing.assert_frame_equal(one.causal_check, whole.causal_check)  # the causal check reads the joined probe
     with pytest.raises(ConfigError, match="layer_block"):
         ProbeExperimentConfig(**base, out_dir=str(root / "x"), layer_block=0)
+
+
+def test_the_model_s_own_answer_is_read_from_cached_unembedding_inputs(toy_pair):
+    """``model_argmax`` unembeds the cached unembedding input at " the" (no second pass over the prompts); those
+    logits must be the ones a full forward pass of each query's own prompt gives at that token."""
+    from boxprobe.activations.cache import CacheConfig, build_cache
+
+    dirs, data, root = toy_pair
+    model = load_model(dirs[0])
+    queries = prepare(model, read_examples(data)[:3], resolve_spec(model, None, "per-box", None))
+    reader = build_cache(model, queries, root / "own-answer",
+                         CacheConfig(hooks=(experiment_mod.FINAL_HOOK,), roles=("answer_prefix",)))
+    meta = reader.metadata("answer_prefix")
+    final = reader.activations(experiment_mod.FINAL_HOOK, "answer_prefix")[:, 0]
+    assert len(meta) >= 3
+    with torch.inference_mode():
+        ours = model.unembed(final[:, None])[:, 0]
+        for row, (q, pos) in enumerate(zip(meta.query_index, meta.token_index)):
+            full = model(torch.tensor([queries.items[int(q)].ids]))[0, int(pos)]
+            torch.testing.assert_close(ours[row], full, atol=1e-4, rtol=1e-4)

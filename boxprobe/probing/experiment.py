@@ -36,7 +36,6 @@ import torch
 
 from boxprobe.report import plots
 from boxprobe.activations.cache import CacheConfig, build_cache, queries_sha256
-from boxprobe.behaviour.decoding import pad_rows
 from boxprobe.config import ConfigError, check_choice, from_dict
 from boxprobe.data.queries import QuerySet, prepare, resolve_spec
 from boxprobe.data.task import Example, load_vocabulary, read_examples
@@ -54,6 +53,10 @@ from boxprobe.probing.targets import TARGET_ROLE, TARGETS, TOKEN_LEVEL, Target, 
 
 logger = logging.getLogger(__name__)
 EMBED_HOOK = "hook_embed"
+# The unembedding's input, cached beside the probed hook for targets scored against the model's own answer: the
+# model's logits at a cached token are then one matmul away, with no second pass over the prompts.
+FINAL_HOOK = "unembed.hook_in"
+OWN_ANSWER_TARGETS = ("first_object", "kth_object")
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,8 @@ class ProbeExperiment:
             roles += list(role) if isinstance(role, tuple) else [role]
         roles = tuple(dict.fromkeys(roles))
         hooks = (cfg.hook, EMBED_HOOK) if "embedding" in cfg.baselines else (cfg.hook,)
+        if any(t in OWN_ANSWER_TARGETS for t in cfg.targets):
+            hooks += (FINAL_HOOK,)
         cache_cfg = CacheConfig(hooks=hooks, roles=roles, dtype=cfg.dtype, batch_size=cfg.batch_size, layers=cfg.layers)
         # Model ids are file-name safe and differ between checkpoints that share a directory name.
         # One directory per request (roles, hooks), so runs with other targets never meet a mismatched cache.
@@ -401,8 +406,8 @@ class ProbeExperiment:
             if ctrls:
                 te_ctrl = Target(**{**vars(te), "y": control_labels_for(te, cfg.seed)})
                 rows.append(score_rows(np.concatenate(ctrls, 1), te_ctrl, items, kind="control", **kw))
-            if name in ("first_object", "kth_object"):
-                rows += self._model_argmax(model, test.queries, te, kw)
+            if name in OWN_ANSWER_TARGETS:
+                rows += self._model_argmax(model, test, role, te, kw)
         if name == "first_object" and not random_init:
             self._first = (joined_probe(probes), te, test.queries)
         num, den = metric_parts(pred, te)["accuracy"][0]
@@ -413,32 +418,27 @@ class ProbeExperiment:
                              for k in np.unique(te.numops) for layer in range(L)])
         return pd.concat(rows, ignore_index=True), heat, correct
 
-    def _model_argmax(self, model, queries: QuerySet, t: Target, kw: dict) -> list[pd.DataFrame]:
+    def _model_argmax(self, model, test: Side, role, t: Target, kw: dict) -> list[pd.DataFrame]:
         """The model's own teacher-forced answer at the probed " the": argmax over candidate objects' first
-        tokens (the probe's decision space; metric ``accuracy``) and over the vocabulary (``accuracy_vocab``)."""
+        tokens (the probe's decision space; metric ``accuracy``) and over the vocabulary (``accuracy_vocab``).
+        Its logits are the unembedding applied to the cached unembedding input (``FINAL_HOOK``) at that token,
+        stored in the cache's ``dtype`` (a bfloat16 cache of a float32 model rounds that input first)."""
         tok = model.tokenizer
         first = np.array([tok(" " + o, add_special_tokens=False)["input_ids"][0] for o in self.vocab])
-        pad = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
-        by_query: dict[int, list[int]] = {}
-        for j, q in enumerate(t.query_index):
-            by_query.setdefault(int(q), []).append(j)
+        final = test.rows(FINAL_HOOK, role)[t.rows]
+        gold_next = np.array([test.queries.items[int(q)].ids[int(pos) + 1]
+                              for q, pos in zip(t.query_index, t.token_index)])
         cand_right, vocab_right = np.zeros(len(t.y), bool), np.zeros(len(t.y), bool)
-        qs = sorted(by_query)
+        weight = next(model.unembed.parameters())
+        step = max(1, 2**26 // max(int(model.cfg.d_vocab), 1))  # logits of this many rows at a time: 256 MiB float32
         with torch.inference_mode():
-            for start in range(0, len(qs), self.cfg.batch_size):
-                batch = qs[start:start + self.cfg.batch_size]
-                rows = [queries.items[q].ids[:-1] for q in batch]
-                ids, mask = pad_rows(rows, pad, "left", model.cfg.device)
-                logits = model(ids, attention_mask=mask)
-                for b, q in enumerate(batch):
-                    offset = ids.shape[1] - len(rows[b])
-                    for j in by_query[q]:
-                        pos = int(t.token_index[j])
-                        row = logits[b, offset + pos].float().cpu().numpy()
-                        gold_next = queries.items[q].ids[pos + 1]
-                        vocab_right[j] = int(row.argmax()) == gold_next
-                        cands = np.flatnonzero(t.mask[j])
-                        cand_right[j] = first[cands[row[first[cands]].argmax()]] == gold_next
+            for start in range(0, len(final), step):
+                x = final[start:start + step, None].to(device=weight.device, dtype=weight.dtype)
+                logits = model.unembed(x)[:, 0].float().cpu().numpy()
+                for j, row in enumerate(logits, start=start):
+                    vocab_right[j] = int(row.argmax()) == gold_next[j]
+                    cands = np.flatnonzero(t.mask[j])
+                    cand_right[j] = first[cands[row[first[cands]].argmax()]] == gold_next[j]
         items = np.arange(len(t.y))
         base = {k: v for k, v in kw.items() if k != "n_layers"}
         cand_pred = np.where(cand_right, t.y, -1)

@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from boxprobe.activations.cache import CacheReader
 from boxprobe.data.queries import QuerySet
@@ -32,6 +33,11 @@ class Side:
         from disk in the stored dtype, upcast for this block only."""
         roles = role if isinstance(role, tuple) else (role,)
         return np.concatenate([self.reader.activations(self.hook, r, layers).float().numpy() for r in roles])
+
+    def rows(self, hook: str, role) -> torch.Tensor:
+        """Another cached hook of one slot (e.g. the unembedding's input) at ``role``'s rows, in the stored dtype."""
+        roles = role if isinstance(role, tuple) else (role,)
+        return torch.cat([self.reader.activations(hook, r)[:, 0] for r in roles])
 
     def embedding(self, role) -> np.ndarray:
         """Embedding-layer features of ``role`` (a tuple: its roles' rows in turn), held in memory."""
