@@ -20,7 +20,7 @@ from boxprobe.data.counterfactual import context_key
 from boxprobe.data.pairs import build_pairs, collate_pairs
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
-from boxprobe.models.loading import BUNDLED_MODELS_DIR, ModelMismatchError, load_model
+from boxprobe.models.loading import BUNDLED_MODELS_DIR, ModelMismatchError, load_model, model_id
 from boxprobe.errors import ArgumentError
 from helpers import make_toy_checkpoint
 
@@ -320,6 +320,8 @@ def test_cmap_is_long_and_exact_for_the_same_model(tmp_path, toy3, batch3):
     same = toy3
     out = cross_model_patch(toy3, same, batch3, {"g": [(2, 1)]}, positions={"g": "query_last"}, progress=False)
     assert {"model", "donor", "group", "position_role", "metric", "stage", "value", "ci_low", "ci_high"} <= set(out.columns)
+    # Named as every other result frame names a loaded model: its id (name@revision), not the path it came from.
+    assert set(out["model"]) == set(out["donor"]) == {model_id(toy3)} and "@" in model_id(toy3)
     wide = out.pivot_table(index=["group", "metric"], columns="stage", values="value")
     assert np.allclose(wide["after"], wide["before"], atol=1e-5) and np.allclose(wide["donor"], wide["before"], atol=1e-5)
     acc = out[out["metric"] == "accuracy"]

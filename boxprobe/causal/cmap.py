@@ -27,7 +27,7 @@ from boxprobe.causal.patching import (Heads, PairBatch, Positions, _evaluate, _g
                                       _position_sites, _run, _z, answer_accuracy, copy_patch, differences,
                                       generic_patch, logit_diff, prob_change)
 from boxprobe.causal.stats import summarise
-from boxprobe.models.loading import check_same_family
+from boxprobe.models.loading import check_same_family, result_model
 
 
 def correct_object_logprob(logits, batch: PairBatch) -> torch.Tensor:
@@ -62,7 +62,6 @@ def cross_model_patch(recipient, donor, batch: PairBatch, groups: Mapping[str, H
     adds rows ``L{l} heads`` / ``L{l} resid_pre`` (every head, or the residual stream, of one layer).
     Columns: model, donor, group, position_role, metric, stage, value, ci_low, ci_high, n_pairs,
     n_contexts. Raises ``ModelMismatchError`` unless ``check_same_family`` passes."""
-    from boxprobe.models.loading import model_label
 
     check_same_family(recipient, donor, allow_vocab_extension=allow_vocab_extension)
     batch = batch.to(recipient.cfg.device)
@@ -95,8 +94,8 @@ def cross_model_patch(recipient, donor, batch: PairBatch, groups: Mapping[str, H
                 keys.append((group, role, metric, stage))
                 rows.append(v.numpy())
     key_frame = pd.DataFrame(keys, columns=["group", "position_role", "metric", "stage"])
-    key_frame.insert(0, "donor", model_label(donor))
-    key_frame.insert(0, "model", model_label(recipient))
+    key_frame.insert(0, "donor", result_model(donor))
+    key_frame.insert(0, "model", result_model(recipient))
     per = np.stack(rows) if rows else np.zeros((0, len(batch)))
     if per_pair:
         return _long(key_frame, per, batch.contexts)

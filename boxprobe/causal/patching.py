@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from boxprobe.config import check_choice
-from boxprobe.models.loading import model_label
+from boxprobe.models.loading import result_model
 from boxprobe.causal.engine import (  # noqa: F401  (re-exported: the studies import the engine from here)
     Patch, _evaluate, _hook_layer, _row_starts, _run, _site_pairs, _start, add_path_setter,
     copy_patch, copy_setter, differences, generic_patch, plan_chunks, position_ids, read_last_hooks, skip_blocks,
@@ -146,7 +146,7 @@ def _frame(model, keys: list[tuple], columns: list[str], values: torch.Tensor, b
             row["position_role"], row["position_index"] = position_columns(row.pop("position"))
         rows.append(row)
     key_frame = pd.DataFrame(rows)
-    key_frame.insert(0, "model", model_label(model))
+    key_frame.insert(0, "model", result_model(model))
     name = metric if isinstance(metric, str) else metric_name(metric)
     if per_pair:
         return long_per_pair(key_frame, values.numpy(), batch.contexts, metric=name)

@@ -600,6 +600,12 @@ def model_id(model: TransformerBridge) -> str:
     return info.model_id
 
 
+def result_model(model: TransformerBridge) -> str:
+    """The ``model`` column of result frames: :func:`model_id` for a model loaded by `load_model` (as every other
+    frame names it), else the bridge's own name (a bare bridge has no recorded revision)."""
+    return model_id(model) if model_info(model) is not None else model_label(model)
+
+
 def model_context_length(model: TransformerBridge) -> int:
     """The model's maximum sequence length (cfg.n_ctx)."""
     return int(model.cfg.n_ctx)
