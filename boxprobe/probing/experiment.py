@@ -284,8 +284,12 @@ class ProbeExperiment:
                 cache_name = model_id(model)
                 given = self.queries[i] if self.queries is not None and not random_init else None
                 spec = resolve_spec(model, cfg.template, "per-box", cfg.chat)
-                test_q = given if given is not None else prepare(model, test_examples, spec, limit=cfg.limit)
-                train_q = prepare(model, train_examples, spec)
+                if random_init and prepared[0] == spec:  # the same checkpoint's tokenizer: the same queries
+                    test_q, train_q = prepared[1:]
+                else:
+                    test_q = given if given is not None else prepare(model, test_examples, spec, limit=cfg.limit)
+                    train_q = prepare(model, train_examples, spec)
+                    prepared = (spec, test_q, train_q)
                 test = self._cache(model, test_q, cache_name, "test")
                 train = self._cache(model, train_q, cache_name, "train")
                 layer_of = self.layer_of[label] = dict(enumerate(test.layers))  # cached slot -> layer number
