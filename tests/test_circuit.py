@@ -20,7 +20,8 @@ from boxprobe.data.counterfactual import context_key
 from boxprobe.data.pairs import build_pairs, collate_pairs
 from boxprobe.data.queries import prepare, resolve_spec
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
-from boxprobe.models.loading import BUNDLED_MODELS_DIR, ModelMismatchError, load_model, model_id
+from boxprobe.models.compare import ModelMismatchError
+from boxprobe.models.loading import BUNDLED_MODELS_DIR, load_model, model_id
 from boxprobe.errors import ArgumentError
 from helpers import make_toy_checkpoint
 

@@ -11,12 +11,10 @@ from helpers import DEFAULT_WORDS, make_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from boxprobe.models import registry
+from boxprobe.models.compare import ModelMismatchError, check_same_family, compare_models
 from boxprobe.models.loading import (
     ModelLoadError,
-    ModelMismatchError,
-    check_same_family,
     checkpoint_fingerprint,
-    compare_models,
     load_model,
     model_context_length,
     read_checkpoint_metadata,
@@ -323,7 +321,7 @@ def test_resolve_model_name_and_frame():
 
 
 def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(tiny_llama_dir):
-    from boxprobe.models.loading import compare_models, load_model, model_info
+    from boxprobe.models.loading import load_model, model_info
 
     trained = load_model(tiny_llama_dir)
     fresh = load_model(tiny_llama_dir, random_init=True, seed=1)

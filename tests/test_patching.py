@@ -18,7 +18,7 @@ from tokenizers import pre_tokenizers
 from boxprobe.causal import engine
 from boxprobe.causal import patching as P
 from boxprobe.causal.path import path_patch
-from boxprobe.models.loading import ModelMismatchError, load_model
+from boxprobe.models.loading import load_model
 from boxprobe.data.pairs import PAIR_KINDS, build_pairs, collate_pairs
 from boxprobe.data.task import TaskConfig, generate_sequences, sequence_examples
 from boxprobe.models.toy import build_tokenizer

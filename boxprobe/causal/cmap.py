@@ -27,7 +27,8 @@ from boxprobe.causal.patching import (Heads, PairBatch, Positions, _evaluate, _g
                                       _position_sites, _run, _z, answer_accuracy, copy_patch, differences,
                                       generic_patch, logit_diff, prob_change)
 from boxprobe.causal.stats import summarise
-from boxprobe.models.loading import check_same_family, result_model
+from boxprobe.models.compare import check_same_family
+from boxprobe.models.loading import result_model
 
 
 def correct_object_logprob(logits, batch: PairBatch) -> torch.Tensor:
