@@ -230,7 +230,8 @@ class ProbeExperiment:
     def __init__(self, cfg: ProbeExperimentConfig, models: Sequence | None = None,
                  queries: Sequence[QuerySet | None] | None = None, overwrite: bool = False, repair: bool = False):
         """``models`` (optional): loaded models standing for ``cfg.models`` in order, each loaded once by the
-        caller; ``queries`` (optional): a prepared test query set per model (None entries are prepared here).
+        caller; ``queries`` (optional): a prepared test query set per model (None entries are prepared here),
+        which its random-init baseline is scored on too.
         ``overwrite`` replaces another run in ``cfg.out_dir``; ``repair`` rebuilds damaged caches."""
         self.cfg = cfg
         self.overwrite, self.repair = overwrite, repair
@@ -274,6 +275,7 @@ class ProbeExperiment:
         accuracy, heat, correct_by, causal = [], [], {}, []
         self.names: list[str] = []
         self.layer_of: dict[str, dict[int, int]] = {}
+        prepared = None  # (spec, test queries, train queries) of the last real model, for its random-init twin
         for i in range(len(cfg.models)):
             with_random = cfg.random_init == "all" or (cfg.random_init == "first" and i == 0)
             for random_init in [False] + ([True] if with_random else []):
@@ -284,7 +286,7 @@ class ProbeExperiment:
                 cache_name = model_id(model)
                 given = self.queries[i] if self.queries is not None and not random_init else None
                 spec = resolve_spec(model, cfg.template, "per-box", cfg.chat)
-                if random_init and prepared[0] == spec:  # the same checkpoint's tokenizer: the same queries
+                if random_init and prepared is not None and prepared[0] == spec:  # same checkpoint, same tokens
                     test_q, train_q = prepared[1:]
                 else:
                     test_q = given if given is not None else prepare(model, test_examples, spec, limit=cfg.limit)
