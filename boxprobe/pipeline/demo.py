@@ -64,8 +64,9 @@ class DemoConfig:
     """Training states (all 7 boxes each) the probes are fit on; the probe stage's cost grows with it. 300 is the
     probe experiment's default; below about 300 the toy models' last-layer first_object probes fall short of the
     models' own accuracy by more than the sanity margin."""
-    threads: int | None = 1
-    """torch CPU threads; the toy models are so small that one thread is fastest (None: torch's default)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default, every core); results agree across thread counts up to float
+    rounding."""
     load: LoadConfig = field(default_factory=LoadConfig)
     """Model placement: device, dtype, device_map, n_devices, max_memory, offload_folder."""
 
