@@ -63,7 +63,6 @@ def cross_model_patch(recipient, donor, batch: PairBatch, groups: Mapping[str, H
     adds rows ``L{l} heads`` / ``L{l} resid_pre`` (every head, or the residual stream, of one layer).
     Columns: model, donor, group, position_role, metric, stage, value, ci_low, ci_high, n_pairs,
     n_contexts. Raises ``ModelMismatchError`` unless ``check_same_family`` passes."""
-
     check_same_family(recipient, donor, allow_vocab_extension=allow_vocab_extension)
     batch = batch.to(recipient.cfg.device)
     n_layers = recipient.cfg.n_layers

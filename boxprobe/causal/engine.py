@@ -390,9 +390,9 @@ def generic_patch(model, batch: PairBatch, sites: Sequence[Sequence[Patch]], met
     ``kv_prefix`` reuses the target's key-value cache before each chunk's first changed position (None:
     when ``kv_cache_works`` and it adds at most ``KV_SHARE`` to a forward's activation memory,
     :func:`kv_share`, so that the peak does not grow with depth); ``skip_layers`` starts a site whose
-    patches and collected hooks all sit at block L or above at block L, from the target's residual stream under the same mask and rotary
-    positions, without running the blocks below (None: when the target's residual streams at those
-    layers fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
+    patches and collected hooks all sit at block L or above at block L, from the target's residual stream
+    under the same mask and rotary positions, without running the blocks below (None: when the target's
+    residual streams at those layers fit in 512 MiB); ``read_last`` computes the last block's MLP and the logits at the last
     position only (None: when no patch or collected hook sits after that point). ``shortcuts=False`` runs
     every site over every pair, position and block (no skipping, no cache), for comparison."""
     check_choice("target", target, ("clean", "corrupt"))

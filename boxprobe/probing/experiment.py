@@ -434,17 +434,18 @@ class ProbeExperiment:
         final = test.rows(FINAL_HOOK, role)[t.rows]
         gold_next = np.array([test.queries.items[int(q)].ids[int(pos) + 1]
                               for q, pos in zip(t.query_index, t.token_index)])
-        cand_right, vocab_right = np.zeros(len(t.y), bool), np.zeros(len(t.y), bool)
+        vocab_top, cand_top = np.empty(len(t.y), np.int64), np.empty(len(t.y), np.int64)
         weight = next(model.unembed.parameters())
         step = max(1, 2**26 // max(int(model.cfg.d_vocab), 1))  # logits of this many rows at a time: 256 MiB float32
         with torch.inference_mode():
             for start in range(0, len(final), step):
-                x = final[start:start + step, None].to(device=weight.device, dtype=weight.dtype)
+                rows = slice(start, start + step)
+                x = final[rows, None].to(device=weight.device, dtype=weight.dtype)
                 logits = model.unembed(x)[:, 0].float().cpu().numpy()
-                for j, row in enumerate(logits, start=start):
-                    vocab_right[j] = int(row.argmax()) == gold_next[j]
-                    cands = np.flatnonzero(t.mask[j])
-                    cand_right[j] = first[cands[row[first[cands]].argmax()]] == gold_next[j]
+                vocab_top[rows] = logits.argmax(1)
+                # over the mentioned objects' first tokens only (ties: the first object, as argmax takes)
+                cand_top[rows] = first[np.where(t.mask[rows], logits[:, first], -np.inf).argmax(1)]
+        vocab_right, cand_right = vocab_top == gold_next, cand_top == gold_next
         items = np.arange(len(t.y))
         base = {k: v for k, v in kw.items() if k != "n_layers"}
         cand_pred = np.where(cand_right, t.y, -1)

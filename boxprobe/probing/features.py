@@ -31,18 +31,20 @@ class Side:
     def features(self, role, layers: slice) -> np.ndarray:
         """Float32 features of ``role`` (a tuple: its roles' rows in turn) at cached slots ``layers``: read
         from disk in the stored dtype, upcast for this block only."""
-        roles = role if isinstance(role, tuple) else (role,)
-        return np.concatenate([self.reader.activations(self.hook, r, layers).float().numpy() for r in roles])
+        return np.concatenate([self.reader.activations(self.hook, r, layers).float().numpy() for r in _roles(role)])
 
     def rows(self, hook: str, role) -> torch.Tensor:
         """Another cached hook of one slot (e.g. the unembedding's input) at ``role``'s rows, in the stored dtype."""
-        roles = role if isinstance(role, tuple) else (role,)
-        return torch.cat([self.reader.activations(hook, r)[:, 0] for r in roles])
+        return torch.cat([self.reader.activations(hook, r)[:, 0] for r in _roles(role)])
 
     def embedding(self, role) -> np.ndarray:
         """Embedding-layer features of ``role`` (a tuple: its roles' rows in turn), held in memory."""
-        roles = role if isinstance(role, tuple) else (role,)
-        return np.concatenate([self.embed[r] for r in roles])
+        return np.concatenate([self.embed[r] for r in _roles(role)])
+
+
+def _roles(role) -> tuple[str, ...]:
+    """A target's role, or tuple of roles whose rows it reads in turn, as a tuple."""
+    return role if isinstance(role, tuple) else (role,)
 
 
 def joined_probe(probes: list[FittedProbe]) -> FittedProbe:
